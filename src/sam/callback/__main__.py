@@ -1,0 +1,5 @@
+"""`python -m sam.callback`: the same as `sam-callback`."""
+
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,193 @@
+"""The application factory: `create_app(settings)` and the lifespan that owns the resources."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio.to_thread
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .endpoint import CallbackEndpoint
+from .logs import request_id_var
+from .openapi import install_openapi
+from .responses import envelope, request_id_from
+from .runtime import Runtime
+from .settings import Settings, load_settings
+
+log = logging.getLogger("sam.callback")
+
+READY_PING_TIMEOUT = 5.0
+
+
+class RequestIdMiddleware:
+    """Gives every non-callback request an id, in the logs and in `X-Request-ID`."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Set the id, then tag the response with it."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = request_id_from(dict(scope["headers"]).get(b"x-request-id"))
+        request_id_var.set(request_id)
+
+        async def tagged(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", request_id.encode()),
+                ]
+            await send(message)
+
+        await self.app(scope, receive, tagged)
+
+
+def _json(
+    code: str, *, headers: dict[str, str] | None = None, message: str | None = None, **extra: Any
+) -> JSONResponse:
+    status, body = envelope(code, request_id_var.get(), message=message, **extra)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build the ASGI application; nothing is opened until the lifespan starts."""
+    runtime = Runtime.build(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime.start()
+        try:
+            yield
+        finally:
+            # Stopping joins the writer thread; do it off the loop so the loop stays responsive.
+            await anyio.to_thread.run_sync(runtime.stop)
+
+    docs = settings.docs_enabled
+    app = FastAPI(
+        title="sam-callback",
+        version="1.0.0",
+        summary="Receptor de callbacks de Automation Anywhere A360 para SAM",
+        lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if docs else None,
+    )
+    app.state.runtime = runtime
+    app.add_middleware(RequestIdMiddleware)
+    # Outermost, so the hot path skips every other layer.
+    app.add_middleware(CallbackEndpoint, runtime=runtime)
+    _install_error_handlers(app)
+    _install_routes(app, runtime)
+    install_openapi(app, settings)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        code = codes.get(exc.status_code, "invalid_payload" if exc.status_code < 500 else "internal_error")
+        return _json(code, headers=dict(exc.headers or {}))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        details = [
+            {"field": ".".join(str(p) for p in error.get("loc", ())), "problem": "valor no válido"}
+            for error in exc.errors()
+        ]
+        return _json("invalid_payload", details=details)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("Error interno en %s %s", request.method, request.url.path, exc_info=exc)
+        return _json("internal_error")
+
+
+def _install_routes(app: FastAPI, runtime: Runtime) -> None:
+    @app.get("/health", tags=["operación"], summary="Vivacidad del proceso")
+    async def health() -> dict[str, Any]:
+        return {
+            "status": "OK",
+            "code": "alive",
+            "message": "sam-callback en servicio",
+            "request_id": request_id_var.get(),
+        }
+
+    @app.get("/ready", tags=["operación"], summary="Preparación: base de datos, spool y pendientes")
+    async def ready() -> JSONResponse:
+        return await _ready(runtime)
+
+    @app.get("/metrics", tags=["operación"], summary="Métricas en formato Prometheus")
+    async def metrics() -> Response:
+        body = await anyio.to_thread.run_sync(runtime.metrics.render)
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+async def _ready(runtime: Runtime) -> JSONResponse:
+    recorder = runtime.recorder
+    database: dict[str, Any] = {"reachable": True}
+    try:
+        await asyncio.wait_for(
+            anyio.to_thread.run_sync(runtime.repository.ping if runtime.repository else _no_db),
+            READY_PING_TIMEOUT,
+        )
+    except Exception as exc:  # any failure to answer means "not ready"; the reason is logged
+        database = {"reachable": False, "error": type(exc).__name__}
+        log.warning("/ready: la base de datos no responde (%s)", type(exc).__name__)
+    else:
+        if not recorder.database_available:
+            recorder.wake_database()
+    stats = await anyio.to_thread.run_sync(runtime.spool_stats)
+    spool: dict[str, Any] = {"available": stats is not None}
+    if stats is not None:
+        spool |= {
+            "backlog": stats.backlog,
+            "queued": stats.queued,
+            "pending_match": stats.pending,
+            "oldest_age_seconds": round(time.time() - stats.oldest_received_at, 1) if stats.oldest_received_at else 0,
+        }
+    warnings = []
+    if runtime.settings.auth_mode == "none":
+        warnings.append("CALLBACK_AUTH_MODE=none: el endpoint no exige autenticación")
+        log.warning("/ready: CALLBACK_AUTH_MODE=none, el endpoint no exige autenticación")
+    if stats is None:
+        warnings.append("el spool no está disponible: si la base de datos cae, los callbacks se rechazarán con 503")
+    code = "ready" if database["reachable"] else "not_ready"
+    body = {
+        "status": "OK" if database["reachable"] else "ERROR",
+        "code": code,
+        "message": "Servicio listo"
+        if database["reachable"]
+        else "La base de datos no responde; los callbacks se guardan en el spool",
+        "request_id": request_id_var.get(),
+        "database": database,
+        "spool": spool,
+        "unmatched": stats.unmatched if stats else None,
+        "auth_mode": runtime.settings.auth_mode,
+        "warnings": warnings,
+    }
+    return JSONResponse(
+        body,
+        status_code=200 if database["reachable"] else 503,
+        headers=None if database["reachable"] else {"Retry-After": "10"},
+    )
+
+
+def _no_db() -> None:
+    raise RuntimeError("sin base de datos")
+
+
+def app_from_environment() -> FastAPI:
+    """Factory for `uvicorn --factory` and worker processes: settings from the environment."""
+    return create_app(load_settings())

@@ -1,0 +1,225 @@
+"""Authentication of a callback: static tokens, gateway JWTs, and the failure throttle."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+from jwt import PyJWK, PyJWKSet
+from jwt.algorithms import get_default_algorithms
+
+from .settings import ConfigError, Settings
+
+log = logging.getLogger("sam.callback.auth")
+
+_MAX_TOKEN_LENGTH = 8192
+# Header parameters that try to tell the verifier which key to trust; a gateway never needs
+# them, and honouring any of them would let the caller choose the key.
+_KEY_CHOOSING_HEADERS = frozenset({"jku", "x5u", "jwk", "x5c"})
+
+
+@dataclass(frozen=True, slots=True)
+class AuthResult:
+    """The verdict on one request; `reasons` are for the log only, never for the client."""
+
+    ok: bool
+    reasons: tuple[str, ...] = ()
+
+
+class JwtVerifier:
+    """Verifies gateway JWTs with keys and algorithms pinned by configuration."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.algorithms = settings.jwt_algorithm_list
+        self.audience = settings.jwt_audience
+        self.issuer = settings.jwt_issuer
+        self.leeway = settings.jwt_leeway_seconds
+        self.client_id = settings.api_gateway_client_id
+        self.keys = _load_keys(settings.jwt_public_key or "", self.algorithms)
+
+    def verify(self, token: str, client_id_header: str | None) -> str | None:
+        """Return None when the token is valid, else the reason it is not."""
+        if len(token) > _MAX_TOKEN_LENGTH:
+            return "token demasiado largo"
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            return "token mal formado"
+        if _KEY_CHOOSING_HEADERS & header.keys():
+            return "cabecera del token intenta elegir la clave"
+        if header.get("alg") not in self.algorithms:
+            return "algoritmo no permitido"
+        kid = header.get("kid")
+        candidates = [key for key_id, key in self.keys if kid is None or key_id in (None, kid)]
+        if not candidates:
+            return "kid desconocido"
+        reason = "firma no válida"
+        for key in candidates:
+            reason_or_claims = self._decode(token, key)
+            if isinstance(reason_or_claims, str):
+                reason = reason_or_claims
+                if reason != "firma no válida":
+                    break
+                continue
+            return self._check_client_id(reason_or_claims, client_id_header)
+        return reason
+
+    def _decode(self, token: str, key: Any) -> dict[str, Any] | str:
+        try:
+            return jwt.decode(
+                token,
+                key=key,
+                algorithms=self.algorithms,
+                audience=self.audience,
+                issuer=self.issuer,
+                leeway=self.leeway,
+                options={"require": ["exp"], "verify_aud": self.audience is not None},
+            )
+        except jwt.ExpiredSignatureError:
+            return "token caducado"
+        except jwt.ImmatureSignatureError:
+            return "token aún no válido (nbf/iat en el futuro)"
+        except jwt.InvalidAudienceError:
+            return "audiencia (aud) incorrecta"
+        except jwt.InvalidIssuerError:
+            return "emisor (iss) incorrecto"
+        except jwt.MissingRequiredClaimError as exc:
+            return f"falta el claim {exc.claim}"
+        except jwt.InvalidSignatureError:
+            return "firma no válida"
+        except jwt.PyJWTError:
+            return "token no válido"
+        except Exception:
+            # A key/algorithm mismatch or a malformed part surfaces as a plain error from the
+            # crypto layer: it is still only an invalid token.
+            return "token no válido"
+
+    def _check_client_id(self, claims: dict[str, Any], header: str | None) -> str | None:
+        if self.client_id is None:
+            return None
+        if header is None or not hmac.compare_digest(header.encode(), self.client_id.encode()):
+            return "x-ibm-client-id ausente o incorrecto"
+        claim = claims.get("client_id")
+        if claim is not None and not hmac.compare_digest(str(claim).encode(), self.client_id.encode()):
+            return "claim client_id incorrecto"
+        return None
+
+
+def _load_keys(value: str, algorithms: list[str]) -> list[tuple[str | None, Any]]:
+    """Keys from PEM text, a PEM file, or a JWKS file; ConfigError when none parses."""
+    text = value.strip()
+    if not text.startswith("-----") and not text.startswith("{"):
+        path = Path(text)
+        try:
+            text = path.read_text(encoding="utf-8").strip()
+        except OSError:
+            raise ConfigError([f"JWT_PUBLIC_KEY: no se puede leer el fichero de clave '{path}'"]) from None
+    # Operators paste PEMs into .env files on one line with literal \n.
+    text = text.replace("\\n", "\n")
+    if text.startswith("{"):
+        try:
+            jwks = PyJWKSet.from_dict(json.loads(text))
+        except (ValueError, jwt.PyJWTError):
+            raise ConfigError(["JWT_PUBLIC_KEY: el JWKS no es válido"]) from None
+        keys = [(jwk.key_id, jwk.key) for jwk in jwks.keys if not _is_private(jwk)]
+        if not keys:
+            raise ConfigError(["JWT_PUBLIC_KEY: el JWKS no contiene claves públicas utilizables"])
+        return keys
+    available = get_default_algorithms()
+    for algorithm in algorithms:
+        if algorithm not in available:
+            continue
+        try:
+            key = available[algorithm].prepare_key(text)
+        except Exception:  # noqa: S112 - the next algorithm's key type may fit
+            continue
+        if hasattr(key, "private_bytes"):
+            raise ConfigError(["JWT_PUBLIC_KEY: contiene una clave privada; configure solo la clave pública"])
+        return [(None, key)]
+    raise ConfigError(["JWT_PUBLIC_KEY: la clave pública no es un PEM válido para los algoritmos de JWT_ALGORITHMS"])
+
+
+def _is_private(jwk: PyJWK) -> bool:
+    return hasattr(jwk.key, "private_bytes")
+
+
+class Authenticator:
+    """Applies CALLBACK_AUTH_MODE to the credentials a request carries."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.mode = settings.auth_mode
+        self.tokens = [token.encode() for token in settings.tokens]
+        self.jwt = JwtVerifier(settings) if settings.jwt_public_key else None
+
+    def check(self, static_token: str | None, authorization: str | None, client_id: str | None) -> AuthResult:
+        """Verdict for one request's headers."""
+        if self.mode == "none":
+            return AuthResult(ok=True)
+        results: dict[str, str | None] = {}
+        if static_token is not None:
+            results["token"] = self._check_token(static_token)
+        if authorization is not None:
+            results["jwt"] = self._check_bearer(authorization, client_id)
+        reasons = tuple(f"{kind}: {reason}" for kind, reason in results.items() if reason is not None)
+        if self.mode == "required":
+            needed = (["token"] if self.tokens else []) + (["jwt"] if self.jwt else [])
+            missing = tuple(f"{kind}: ausente" for kind in needed if kind not in results)
+            ok = not missing and all(results[kind] is None for kind in needed)
+            return AuthResult(ok=ok, reasons=reasons + missing)
+        if not results:
+            return AuthResult(ok=False, reasons=("sin credenciales",))
+        return AuthResult(ok=any(reason is None for reason in results.values()), reasons=reasons)
+
+    def _check_token(self, presented: str) -> str | None:
+        if not self.tokens:
+            return "token estático no configurado"
+        candidate = presented.strip().encode()
+        # Compare against every configured token so timing does not reveal which one matched.
+        matched = False
+        for token in self.tokens:
+            matched |= hmac.compare_digest(candidate, token)
+        return None if matched else "token estático incorrecto"
+
+    def _check_bearer(self, authorization: str, client_id: str | None) -> str | None:
+        scheme, _, token = authorization.strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return "cabecera Authorization sin esquema Bearer"
+        if self.jwt is None:
+            return "JWT no configurado (falta JWT_PUBLIC_KEY)"
+        return self.jwt.verify(token.strip(), client_id)
+
+
+class FailureThrottle:
+    """Counts authentication failures per address per minute, in bounded memory."""
+
+    def __init__(self, limit: int, *, window: float = 60.0, max_addresses: int = 10_000) -> None:
+        self.limit = limit
+        self.window = window
+        self.max_addresses = max_addresses
+        self._counters: OrderedDict[str, list[float]] = OrderedDict()
+
+    def fail(self, address: str, now: float | None = None) -> tuple[bool, int]:
+        """Record a failure; return (throttled, seconds until the window resets)."""
+        if self.limit <= 0:
+            return False, 0
+        now = time.monotonic() if now is None else now
+        counter = self._counters.get(address)
+        if counter is None or now - counter[0] >= self.window:
+            counter = [now, 0.0]
+            self._counters[address] = counter
+        self._counters.move_to_end(address)
+        counter[1] += 1
+        while len(self._counters) > self.max_addresses:
+            self._counters.popitem(last=False)
+        retry_after = max(1, int(counter[0] + self.window - now + 0.999))
+        return counter[1] > self.limit, retry_after
+
+    def __len__(self) -> int:
+        return len(self._counters)

@@ -1,0 +1,210 @@
+"""The callback endpoint as plain ASGI: the hot path, with no framework work it does not need."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .logs import request_id_var
+from .payload import PayloadError, parse_callback
+from .responses import request_id_from, send_envelope
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+log = logging.getLogger("sam.callback.http")
+
+BODY_TIMEOUT_SECONDS = 30.0
+_JSON_TYPES = (b"application/json", b"text/plain")
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class CallbackEndpoint:
+    """ASGI middleware that answers the callback path itself and passes everything else on."""
+
+    def __init__(self, app: ASGIApp, *, runtime: Runtime) -> None:
+        self.app = app
+        self.runtime = runtime
+        self.path = runtime.settings.endpoint_path
+        self.max_body = runtime.settings.max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Dispatch by path."""
+        if scope["type"] != "http" or scope["path"].rstrip("/") != self.path.rstrip("/"):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        request_id = request_id_from(headers.get(b"x-request-id"))
+        request_id_var.set(request_id)
+        started = time.perf_counter()
+        peer = scope["client"][0] if scope.get("client") else "-"
+        client = peer
+        deployment_id: str | None = None
+        status: str | None = None
+        code = "internal_error"
+        try:
+            client = self.runtime.resolver.client_address(peer, _text(headers.get(b"x-forwarded-for")))
+            code, deployment_id, status = await self._handle(scope, receive, send, headers, request_id, client)
+        except Exception:
+            log.exception("Error interno atendiendo un callback de %s", client)
+            code = "internal_error"
+            await send_envelope(send, code, request_id)
+        seconds = time.perf_counter() - started
+        self.runtime.metrics.observe_callback(code=code, status=status, seconds=seconds)
+        if code != "too_many_requests":
+            log.info(
+                "callback cliente=%s deploymentId=%s estado=%s resultado=%s duracion_ms=%.1f",
+                client, deployment_id or "-", status or "-", code, seconds * 1000,
+            )  # fmt: skip
+
+    async def _handle(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        headers: dict[bytes, bytes],
+        request_id: str,
+        client: str,
+    ) -> tuple[str, str | None, str | None]:
+        runtime = self.runtime
+        if scope["method"] != "POST":
+            await send_envelope(send, "method_not_allowed", request_id, headers=[(b"allow", b"POST")])
+            return "method_not_allowed", None, None
+        if not runtime.resolver.allowed_address(client):
+            log.warning("Petición rechazada: la dirección %s no está en CALLBACK_ALLOWED_IPS", client)
+            await send_envelope(send, "forbidden", request_id)
+            return "forbidden", None, None
+        verdict = runtime.authenticator.check(
+            _text(headers.get(b"x-authorization")),
+            _text(headers.get(b"authorization")),
+            _text(headers.get(b"x-ibm-client-id")),
+        )
+        if not verdict.ok:
+            return await self._refuse(send, request_id, client, verdict.reasons), None, None
+        if verdict.reasons:
+            # Mode optional: a valid credential carried the request; the bad one is still news.
+            log.warning(
+                "Credencial no válida ignorada (otra es válida) cliente=%s motivo=%s",
+                client,
+                "; ".join(verdict.reasons),
+            )
+        content_type = headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
+        if content_type and content_type not in _JSON_TYPES and not content_type.endswith(b"+json"):
+            await send_envelope(send, "unsupported_media_type", request_id)
+            return "unsupported_media_type", None, None
+        try:
+            body = await self._read_body(receive, headers.get(b"content-length"))
+        except _BodyTooLarge:
+            await send_envelope(
+                send, "payload_too_large", request_id, headers=[(b"connection", b"close")],
+                message=f"El cuerpo supera el máximo de {self.max_body} bytes (CALLBACK_MAX_BODY_BYTES)",
+            )  # fmt: skip
+            return "payload_too_large", None, None
+        except TimeoutError:
+            await send_envelope(send, "request_timeout", request_id, headers=[(b"connection", b"close")])
+            return "request_timeout", None, None
+        if body is None:
+            return "client_disconnected", None, None
+        try:
+            callback = parse_callback(body)
+        except PayloadError as exc:
+            log.warning(
+                "Callback rechazado por payload no válido cliente=%s detalles=%s",
+                client,
+                exc.details,
+            )
+            await send_envelope(send, "invalid_payload", request_id, details=exc.details)
+            return "invalid_payload", None, None
+        code = await runtime.recorder.submit(callback, request_id)
+        extra_headers = [(b"retry-after", b"30")] if code == "unavailable" else []
+        await send_envelope(
+            send,
+            code,
+            request_id,
+            headers=extra_headers,
+            deploymentId=callback.deployment_id,
+            result=code if code != "unavailable" else None,
+        )
+        return code, callback.deployment_id, callback.status
+
+    async def _refuse(self, send: Send, request_id: str, client: str, reasons: tuple[str, ...]) -> str:
+        runtime = self.runtime
+        runtime.metrics.auth_failures.labels(failure_label(reasons)).inc()
+        throttled, retry_after = runtime.throttle.fail(client)
+        if throttled:
+            runtime.note_throttled(client)
+            await send_envelope(
+                send,
+                "too_many_requests",
+                request_id,
+                headers=[(b"retry-after", str(retry_after).encode())],
+            )
+            return "too_many_requests"
+        log.warning("Autenticación fallida cliente=%s motivo=%s", client, "; ".join(reasons))
+        await send_envelope(
+            send,
+            "unauthorized",
+            request_id,
+            headers=[(b"www-authenticate", b'Bearer realm="sam-callback"')],
+        )
+        return "unauthorized"
+
+    async def _read_body(self, receive: Receive, content_length: bytes | None) -> bytes | None:
+        if content_length is not None:
+            try:
+                declared = int(content_length)
+            except ValueError:
+                declared = -1
+            if declared > self.max_body:
+                raise _BodyTooLarge
+        chunks: list[bytes] = []
+        size = 0
+        # A client that stops sending mid-body must not hold the request open for ever.
+        async with asyncio.timeout(BODY_TIMEOUT_SECONDS):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return None
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.max_body:
+                    raise _BodyTooLarge
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def failure_label(reasons: tuple[str, ...]) -> str:
+    """A stable, low-cardinality label for the first reason a request failed."""
+    text = reasons[0] if reasons else ""
+    for needle, label in _FAILURE_LABELS:
+        if needle in text:
+            return label
+    return "other"
+
+
+_FAILURE_LABELS = (
+    ("sin credenciales", "missing_credentials"),
+    ("ausente", "missing_credentials"),
+    ("token estático", "invalid_token"),
+    ("caducado", "jwt_expired"),
+    ("aún no válido", "jwt_not_yet_valid"),
+    ("audiencia", "jwt_audience"),
+    ("emisor", "jwt_issuer"),
+    ("client", "client_id"),
+    ("firma", "jwt_signature"),
+    ("algoritmo", "jwt_algorithm"),
+    ("jwt", "jwt_invalid"),
+)
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("latin-1")

@@ -1,0 +1,146 @@
+"""Logging: SAM's text layout or JSON, daily rotation, request ids, and secret redaction."""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import logging.handlers
+import queue
+import re
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+from .settings import Settings
+
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+# SAM's own services log in this layout; operators grep for it.
+TEXT_FORMAT = "%(asctime)s - PID:%(process)d - %(name)s - %(levelname)s - [%(request_id)s] - %(message)s"
+DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+_MANAGED_LOGGERS = ("sam.callback", "uvicorn", "uvicorn.error", "uvicorn.access")
+
+_SECRET_PATTERNS = (
+    # user:password@ in URLs and ODBC strings
+    (re.compile(r"(://[^:/@\s]+:)[^@\s]+(@)"), r"\1***\2"),
+    (re.compile(r"(?i)\b(PWD|PASSWORD)=(\{[^}]*\}|[^;\s]*)"), r"\1=***"),
+    (re.compile(r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?(bearer\s+)?)[^\s,\"'}]+"), r"\1***"),
+    (re.compile(r"(?i)(x-authorization[\"']?\s*[:=]\s*[\"']?)[^\s,\"'}]+"), r"\1***"),
+    # anything shaped like a JWT
+    (re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*\.?[A-Za-z0-9_-]*"), "***"),
+)
+
+
+class RedactingFilter(logging.Filter):
+    """Adds the request id and removes secrets from every record before it is queued."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.secrets = sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True)
+
+    def redact(self, text: str) -> str:
+        """Mask known secrets and secret-shaped substrings."""
+        for secret in self.secrets:
+            if secret in text:
+                text = text.replace(secret, "***")
+        for pattern, replacement in _SECRET_PATTERNS:
+            text = pattern.sub(replacement, text)
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Render the message now, redacted, so no handler ever sees the raw arguments."""
+        record.request_id = request_id_var.get()
+        message = record.getMessage()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        record.msg = self.redact(message)
+        record.args = None
+        if record.exc_text:
+            record.exc_text = self.redact(record.exc_text)
+        record.exc_info = None
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Serialise a record."""
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record, DATE_FORMAT),
+            "level": record.levelname,
+            "logger": record.name,
+            "pid": record.process,
+            "request_id": getattr(record, "request_id", "-"),
+            "message": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            entry.update(fields)
+        if record.exc_text:
+            entry["exception"] = record.exc_text
+        return json.dumps(entry, ensure_ascii=False)
+
+
+class LoggingHandle:
+    """The running log pipeline; `close()` flushes and detaches it."""
+
+    def __init__(
+        self,
+        listener: logging.handlers.QueueListener,
+        handlers: list[logging.Handler],
+        queue_handler: logging.Handler,
+    ) -> None:
+        self.listener = listener
+        self.handlers = handlers
+        self.queue_handler = queue_handler
+
+    def close(self) -> None:
+        """Flush queued records and close the files."""
+        for name in _MANAGED_LOGGERS:
+            logger = logging.getLogger(name)
+            if self.queue_handler in logger.handlers:
+                logger.removeHandler(self.queue_handler)
+        self.listener.stop()
+        for handler in self.handlers:
+            handler.close()
+
+
+def setup_logging(settings: Settings, secrets: Iterable[str] = ()) -> LoggingHandle:
+    """Console plus a midnight-rotated file, fed through a queue so requests never wait on I/O."""
+    settings.log_directory.mkdir(parents=True, exist_ok=True)
+    formatter: logging.Formatter = (
+        JsonFormatter() if settings.log_format == "json" else logging.Formatter(TEXT_FORMAT, DATE_FORMAT)
+    )
+    file_handler = logging.handlers.TimedRotatingFileHandler(
+        settings.log_file,
+        when="midnight",
+        backupCount=settings.log_backup_count,
+        encoding="utf-8",
+        delay=False,
+    )
+    console = logging.StreamHandler(sys.stderr)
+    for handler in (file_handler, console):
+        handler.setFormatter(formatter)
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    queue_handler = logging.handlers.QueueHandler(records)
+    queue_handler.addFilter(RedactingFilter(secrets))
+    listener = logging.handlers.QueueListener(records, file_handler, console, respect_handler_level=False)
+    listener.start()
+    level = getattr(logging, settings.log_level)
+    for name in _MANAGED_LOGGERS:
+        logger = logging.getLogger(name)
+        for old in list(logger.handlers):
+            logger.removeHandler(old)
+        logger.setLevel(level)
+        if name in ("sam.callback", "uvicorn"):
+            logger.addHandler(queue_handler)
+        logger.propagate = name not in ("sam.callback", "uvicorn")
+    return LoggingHandle(listener, [file_handler, console], queue_handler)
+
+
+def secrets_of(settings: Settings) -> list[str]:
+    """Values that must never appear in a log line."""
+    values = [*settings.tokens, settings.sql_pwd or "", settings.api_gateway_client_id or ""]
+    return [value for value in values if value]

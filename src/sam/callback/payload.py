@@ -1,0 +1,141 @@
+"""The callback body: strict JSON parsing, field rules of SPEC 2.1, and the response envelope."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+
+from .repository import Callback
+
+# Control characters and lone surrogates cannot be stored in an nvarchar key nor matched
+# against one; they are refused before they reach a driver.
+_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_MAX_INT_DIGITS = 40
+
+
+class CallbackPayload(BaseModel):
+    """What A360 posts when a run ends; unknown fields are kept."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    deploymentId: Annotated[StrictStr, Field(description="Id del despliegue de A360 (1..100 caracteres)")]  # noqa: N815
+    status: Annotated[StrictStr, Field(description="Estado final de la ejecución (1..20 caracteres)")]
+    deviceId: StrictStr | StrictInt | None = None  # noqa: N815
+    userId: StrictStr | StrictInt | None = None  # noqa: N815
+    botOutput: dict[str, Any] | None = None  # noqa: N815
+
+
+class Envelope(BaseModel):
+    """The one JSON shape of every answer."""
+
+    status: Literal["OK", "ACCEPTED", "ERROR"]
+    code: str
+    message: str
+    request_id: str
+    deploymentId: str | None = None  # noqa: N815
+    result: str | None = None
+    details: list[dict[str, Any]] | None = None
+
+
+class PayloadError(Exception):
+    """The body is not a valid callback; `details` says why, field by field, in Spanish."""
+
+    def __init__(self, details: list[dict[str, Any]]) -> None:
+        super().__init__("payload no válido")
+        self.details = details
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"constante no permitida en JSON: {name}")
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("número fuera de rango")
+    return value
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_INT_DIGITS:
+        raise ValueError("número fuera de rango")
+    return int(text)
+
+
+_decoder = json.JSONDecoder(parse_float=_parse_float, parse_int=_parse_int, parse_constant=_reject_constant)
+
+
+def decode_body(body: bytes) -> tuple[str, dict[str, Any]]:
+    """Decode a UTF-8 JSON object; return the raw text (stored as is) and the parsed object."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PayloadError([{"field": "body", "problem": "el cuerpo no es UTF-8 válido"}]) from None
+    # A BOM is tolerated (some Windows tools add one) but is not part of the stored JSON.
+    parsed_text = text[1:] if text.startswith("\ufeff") else text
+    try:
+        value, end = _decoder.raw_decode(parsed_text, _skip_space(parsed_text, 0))
+        if _skip_space(parsed_text, end) != len(parsed_text):
+            raise ValueError("datos sobrantes")
+    except (ValueError, RecursionError):
+        raise PayloadError([{"field": "body", "problem": "el cuerpo no es JSON válido"}]) from None
+    if not isinstance(value, dict):
+        raise PayloadError([{"field": "body", "problem": "el cuerpo debe ser un objeto JSON"}])
+    return parsed_text, value
+
+
+def _encodable(value: Any) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _skip_space(text: str, index: int) -> int:
+    while index < len(text) and text[index] in " \t\r\n":
+        index += 1
+    return index
+
+
+_MESSAGES = {
+    "missing": "campo obligatorio",
+    "string_type": "debe ser una cadena de texto",
+    "int_type": "debe ser un número entero o una cadena",
+    "dict_type": "debe ser un objeto JSON",
+}
+
+
+def parse_callback(body: bytes) -> Callback:
+    """Validate a body against SPEC 2.1 and return the callback to record."""
+    raw, value = decode_body(body)
+    try:
+        payload = CallbackPayload.model_validate(value)
+    except ValidationError as exc:
+        problems: list[dict[str, Any]] = []
+        for error in exc.errors(include_url=False, include_input=False):
+            field = str(error["loc"][0]) if error["loc"] else "body"
+            if not any(d["field"] == field for d in problems):
+                problems.append({"field": field, "problem": _MESSAGES.get(error["type"], "valor no válido")})
+        raise PayloadError(problems) from None
+    details: list[dict[str, Any]] = []
+    deployment_id = payload.deploymentId.strip()
+    status = payload.status.strip().upper()
+    if not 1 <= len(deployment_id) <= 100:
+        details.append({"field": "deploymentId", "problem": "debe tener entre 1 y 100 caracteres"})
+    elif _FORBIDDEN.search(deployment_id):
+        details.append({"field": "deploymentId", "problem": "contiene caracteres de control no permitidos"})
+    if not 1 <= len(status) <= 20:
+        details.append({"field": "status", "problem": "debe tener entre 1 y 20 caracteres"})
+    elif _FORBIDDEN.search(status):
+        details.append({"field": "status", "problem": "contiene caracteres de control no permitidos"})
+    if "\\u0000" in raw or (_SURROGATE_ESCAPE.search(raw) and not _encodable(value)):
+        details.append({"field": "body", "problem": "contiene caracteres nulos o sustitutos UTF-16 sueltos"})
+    if details:
+        raise PayloadError(details)
+    return Callback(deployment_id=deployment_id, status=status, raw=raw)

@@ -1,0 +1,325 @@
+"""One writer thread that commits callbacks in batches to SAM's database or to the spool."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from itertools import groupby
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from .repository import Callback, Outcome, Repository, describe_error
+from .spool import PENDING, QUEUED, Spool, SpoolEntry, SpoolError
+
+log = logging.getLogger("sam.callback.recorder")
+
+UPDATED = Outcome.UPDATED.value
+ALREADY_PROCESSED = Outcome.ALREADY_PROCESSED.value
+PENDING_MATCH = Outcome.NOT_FOUND.value
+UNAVAILABLE = "unavailable"
+
+_MAX_BATCH = 256
+_DRAIN_BATCH = 500
+_LEASE_TTL = 20.0
+_IDLE_CHECK = 1.0
+_MAX_DB_BACKOFF = 10.0
+
+
+def pending_delay(age: float) -> float:
+    """Seconds until an unmatched callback is tried again, by how long it has waited (SPEC 4.3)."""
+    if age < 60:
+        return 2.0
+    if age < 600:
+        return 5.0
+    return min(300.0, age / 10)
+
+
+def retry_delay(attempts: int) -> float:
+    """Exponential backoff for callbacks the database refused, capped at one minute."""
+    return float(min(60.0, 0.5 * 2 ** min(attempts, 10)))
+
+
+@dataclass(slots=True)
+class _Item:
+    callback: Callback
+    request_id: str
+    future: asyncio.Future[str]
+    result: str = field(default=UNAVAILABLE)
+
+
+@dataclass(slots=True)
+class RecorderEvents:
+    """Hooks for metrics; each receives plain values and must not block."""
+
+    on_db_error: Callable[[str], None] = lambda _where: None
+    on_applied: Callable[[str], None] = lambda _result: None
+
+
+class Recorder:
+    """Owns every write: request callbacks in batches, then the spool's drain, one at a time."""
+
+    def __init__(
+        self,
+        repository: Repository,
+        spool: Spool,
+        *,
+        match_window: float,
+        events: RecorderEvents | None = None,
+    ) -> None:
+        self.repository = repository
+        self.spool = spool
+        self.match_window = match_window
+        self.events = events or RecorderEvents()
+        self.owner = uuid.uuid4().hex
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._db_retry_at = 0.0
+        self._db_backoff = 0.0
+        self._next_drain = 0.0
+        self.last_db_error: str | None = None
+
+    @property
+    def database_available(self) -> bool:
+        """False while the writer believes the database is out of reach."""
+        return self._db_backoff == 0.0
+
+    def start(self) -> None:
+        """Start the writer thread."""
+        self._thread = threading.Thread(target=self._run, name="sam-callback-writer", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish what was submitted, then stop the thread and give up the drain lease."""
+        if self._thread is None:
+            return
+        self._queue.put(None)
+        self._thread.join(timeout)
+        self._thread = None
+        with contextlib.suppress(SpoolError):
+            self.spool.release_lease(self.owner)
+
+    def wake_database(self) -> None:
+        """Someone saw the database answer: let the writer use it again at once."""
+        self._db_retry_at = 0.0
+        self._next_drain = 0.0
+
+    async def submit(self, callback: Callback, request_id: str) -> str:
+        """Record one callback durably; return the envelope code once it is committed."""
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._queue.put(_Item(callback, request_id, future))
+        return await future
+
+    def _run(self) -> None:
+        while True:
+            wait = max(0.0, min(_IDLE_CHECK, self._next_drain - time.time()))
+            try:
+                first = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                first = None
+                stopping = False
+            else:
+                stopping = first is None
+            batch: list[_Item] = [] if first is None else [first]
+            while len(batch) < _MAX_BATCH:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                    break
+                batch.append(item)
+            if batch:
+                self._record_safely(batch)
+            if stopping:
+                return
+            if time.time() >= self._next_drain:
+                try:
+                    self._drain_step()
+                except Exception:
+                    log.exception("Error inesperado al vaciar el spool; se reintentará")
+                    self._next_drain = time.time() + _IDLE_CHECK
+
+    def _record_safely(self, batch: list[_Item]) -> None:
+        try:
+            self._record(batch)
+        except Exception:
+            log.exception("Error inesperado al registrar %d callbacks", len(batch))
+        finally:
+            self._resolve(batch)
+
+    def _resolve(self, batch: list[_Item]) -> None:
+        loop = batch[0].future.get_loop()
+        # A closed loop means nobody is waiting for these answers any more.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_set_results, batch)
+
+    # --- hot path -------------------------------------------------------------------------
+
+    def _record(self, batch: list[_Item]) -> None:
+        now = time.time()
+        try:
+            waiting = self.spool.waiting_kinds(item.callback.deployment_id for item in batch)
+        except SpoolError:
+            waiting = {}
+        to_spool: list[tuple[_Item, str]] = []
+        direct: list[_Item] = []
+        for item in batch:
+            # Callbacks for a run that already waits in the spool queue up behind it, so each
+            # run's callbacks are applied in arrival order.
+            kind = waiting.get(item.callback.deployment_id)
+            if kind is None:
+                direct.append(item)
+            else:
+                to_spool.append((item, kind))
+        if direct and now < self._db_retry_at:
+            to_spool += [(item, QUEUED) for item in direct]
+        elif direct:
+            # Sorted by deploymentId (stable, so one run keeps its order): every process locks
+            # rows in the same order, and two writers never deadlock on each other.
+            ordered = sorted(direct, key=lambda item: item.callback.deployment_id)
+            try:
+                outcomes = self.repository.apply_many([item.callback for item in ordered])
+            except SQLAlchemyError as exc:
+                self._database_failed(exc, where="callback")
+                to_spool += [(item, QUEUED) for item in ordered]
+            else:
+                self._database_answered()
+                for item, outcome in zip(ordered, outcomes, strict=True):
+                    if outcome is Outcome.NOT_FOUND:
+                        to_spool.append((item, PENDING))
+                    else:
+                        item.result = outcome.value
+        if to_spool:
+            try:
+                self.spool.add(
+                    ((item.callback, item.request_id, kind) for item, kind in to_spool),
+                    now=now,
+                    first_delay=pending_delay(0),
+                )
+            except SpoolError as exc:
+                log.error("No se pudo guardar en el spool %d callbacks: %s", len(to_spool), exc)
+                for item, _kind in to_spool:
+                    item.result = UNAVAILABLE
+            else:
+                for item, kind in to_spool:
+                    item.result = kind
+                self._next_drain = min(self._next_drain, now + pending_delay(0))
+
+    def _database_failed(self, exc: BaseException, *, where: str) -> None:
+        self.last_db_error = describe_error(exc)
+        self._db_backoff = min(_MAX_DB_BACKOFF, max(0.5, self._db_backoff * 2))
+        self._db_retry_at = time.time() + self._db_backoff
+        self._next_drain = min(self._next_drain, self._db_retry_at)
+        self.events.on_db_error(where)
+        log.warning(
+            "Base de datos no disponible (%s); los callbacks van al spool. Reintento en %.1f s",
+            self.last_db_error,
+            self._db_backoff,
+        )
+
+    def _database_answered(self) -> None:
+        if self._db_backoff:
+            log.info("La base de datos responde de nuevo; se vacía el spool")
+        self._db_backoff = 0.0
+        self._db_retry_at = 0.0
+        self.last_db_error = None
+
+    # --- spool drain ----------------------------------------------------------------------
+
+    def _drain_step(self) -> None:
+        now = time.time()
+        self._next_drain = now + _IDLE_CHECK
+        if now < self._db_retry_at:
+            self._next_drain = self._db_retry_at
+            return
+        try:
+            due = self.spool.next_due()
+        except SpoolError:
+            return
+        if due is None or due > now:
+            if due is not None:
+                self._next_drain = min(self._next_drain, due)
+            if self._db_backoff:
+                self._probe_database()
+            return
+        if not self.spool.claim_lease(self.owner, now=now, ttl=_LEASE_TTL):
+            return
+        entries = self.spool.due_chains(now=now, limit=_DRAIN_BATCH)
+        if entries:
+            self._apply_entries(entries, now)
+            self._next_drain = time.time()  # more may be due: go again after the next batch
+
+    def _probe_database(self) -> None:
+        try:
+            self.repository.ping()
+        except SQLAlchemyError as exc:
+            self._database_failed(exc, where="probe")
+        else:
+            self._database_answered()
+
+    def _apply_entries(self, entries: list[SpoolEntry], now: float) -> None:
+        # One try per run per step: the chain stops at the first callback whose row is missing.
+        chains = [
+            list(chain)
+            for _, chain in groupby(
+                sorted(entries, key=lambda e: (e.deployment_id, e.seq)),
+                key=lambda e: e.deployment_id,
+            )
+        ]
+        try:
+            applied, missing = self._apply_chains(chains)
+        except SQLAlchemyError as exc:
+            self._database_failed(exc, where="spool")
+            error = describe_error(exc)
+            self.spool.reschedule(
+                (chain[0].seq, now + retry_delay(chain[0].attempts), chain[0].kind, error, False) for chain in chains
+            )
+            return
+        self._database_answered()
+        self.spool.complete(entry.seq for entry, _ in applied)
+        for entry, result in applied:
+            self.events.on_applied(result)
+            log.info(
+                "Callback del spool aplicado deploymentId=%s estado=%s resultado=%s request_id=%s espera_s=%.1f",
+                entry.deployment_id, entry.status, result, entry.request_id, now - entry.received_at,
+            )  # fmt: skip
+        updates = []
+        for entry in missing:
+            age = now - entry.received_at
+            expired = age >= self.match_window
+            if expired:
+                log.warning(
+                    "Callback sin ejecución tras la ventana de espera: deploymentId=%s request_id=%s queda como no emparejado",
+                    entry.deployment_id,
+                    entry.request_id,
+                )
+            updates.append((entry.seq, now + pending_delay(age), PENDING, None, expired))
+        if updates:
+            self.spool.reschedule(updates)
+
+    def _apply_chains(self, chains: list[list[SpoolEntry]]) -> tuple[list[tuple[SpoolEntry, str]], list[SpoolEntry]]:
+        applied: list[tuple[SpoolEntry, str]] = []
+        missing: list[SpoolEntry] = []
+        with self.repository.engine.begin() as conn:
+            for chain in chains:
+                for entry in chain:
+                    outcome = self.repository.apply_one(conn, entry.callback)
+                    if outcome is Outcome.NOT_FOUND:
+                        missing.append(entry)
+                        break
+                    applied.append((entry, outcome.value))
+        return applied, missing
+
+
+def _set_results(batch: list[_Item]) -> None:
+    for item in batch:
+        if not item.future.done():
+            item.future.set_result(item.result)

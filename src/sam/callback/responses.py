@@ -1,0 +1,107 @@
+"""The JSON envelope of every answer, its stable codes and their Spanish messages."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+from starlette.types import Send
+
+# code -> (HTTP status, envelope status, message for operators)
+ANSWERS: dict[str, tuple[int, str, str]] = {
+    "updated": (200, "OK", "Estado de la ejecución actualizado"),
+    "already_processed": (
+        200,
+        "OK",
+        "La ejecución ya tenía ese estado o un estado final; no se ha modificado",
+    ),
+    "pending_match": (
+        202,
+        "ACCEPTED",
+        "La ejecución aún no existe; el callback se ha guardado y se aplicará cuando aparezca",
+    ),
+    "queued": (
+        202,
+        "ACCEPTED",
+        "Base de datos no disponible; el callback se ha guardado y se aplicará en cuanto responda",
+    ),
+    "unauthorized": (401, "ERROR", "Credenciales ausentes o no válidas"),
+    "forbidden": (403, "ERROR", "La dirección de origen no está autorizada"),
+    "not_found": (404, "ERROR", "Ruta no encontrada"),
+    "method_not_allowed": (405, "ERROR", "Método no permitido"),
+    "request_timeout": (408, "ERROR", "El cuerpo de la petición no llegó a tiempo"),
+    "payload_too_large": (
+        413,
+        "ERROR",
+        "El cuerpo de la petición supera el tamaño máximo permitido",
+    ),
+    "unsupported_media_type": (
+        415,
+        "ERROR",
+        "Tipo de contenido no admitido; envíe application/json",
+    ),
+    "invalid_payload": (400, "ERROR", "El cuerpo de la petición no es un callback válido"),
+    "too_many_requests": (
+        429,
+        "ERROR",
+        "Demasiados intentos de autenticación fallidos; espere antes de reintentar",
+    ),
+    "internal_error": (500, "ERROR", "Error interno; consulte el log con el request_id"),
+    "unavailable": (503, "ERROR", "Base de datos y spool no disponibles; reintente más tarde"),
+    "not_ready": (503, "ERROR", "El servicio no está listo: la base de datos no responde"),
+}
+
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
+
+
+def request_id_from(value: bytes | str | None) -> str:
+    """The caller's X-Request-ID when it is short and plain, else a new one."""
+    if value:
+        text = value.decode("latin-1") if isinstance(value, bytes) else value
+        if _SANE_REQUEST_ID.fullmatch(text):
+            return text
+    return uuid.uuid4().hex
+
+
+def envelope(code: str, request_id: str, *, message: str | None = None, **extra: Any) -> tuple[int, dict[str, Any]]:
+    """HTTP status and body for `code`."""
+    http_status, status, default_message = ANSWERS[code]
+    body: dict[str, Any] = {
+        "status": status,
+        "code": code,
+        "message": message or default_message,
+        "request_id": request_id,
+    }
+    body.update({key: value for key, value in extra.items() if value is not None})
+    return http_status, body
+
+
+async def send_envelope(
+    send: Send,
+    code: str,
+    request_id: str,
+    *,
+    headers: Iterable[tuple[bytes, bytes]] = (),
+    message: str | None = None,
+    **extra: Any,
+) -> int:
+    """Send a complete JSON answer on a raw ASGI channel; return its HTTP status."""
+    http_status, body = envelope(code, request_id, message=message, **extra)
+    payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
+    await send(
+        {
+            "type": "http.response.start",
+            "status": http_status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                (b"x-request-id", request_id.encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})
+    return http_status

@@ -1,0 +1,137 @@
+"""The service's live resources, opened by the lifespan and reached by the handlers."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from .auth import Authenticator, FailureThrottle
+from .logs import LoggingHandle, secrets_of, setup_logging
+from .metrics import Metrics
+from .network import ClientAddressResolver
+from .recorder import Recorder, RecorderEvents
+from .repository import Repository, make_engine
+from .settings import Settings
+from .spool import Spool, SpoolError, SpoolStats
+
+log = logging.getLogger("sam.callback")
+
+_active_logging: LoggingHandle | None = None
+
+
+def ensure_logging(settings: Settings) -> LoggingHandle | None:
+    """Configure logging once per process; return the handle when this call made it."""
+    global _active_logging
+    if _active_logging is not None:
+        return None
+    _active_logging = setup_logging(settings, secrets_of(settings))
+    return _active_logging
+
+
+def close_logging(handle: LoggingHandle | None) -> None:
+    """Undo `ensure_logging` when `handle` is the one it made."""
+    global _active_logging
+    if handle is not None and handle is _active_logging:
+        handle.close()
+        _active_logging = None
+
+
+@dataclass
+class Runtime:
+    """What a request needs; the parts without I/O exist from `create_app`, the rest from start."""
+
+    settings: Settings
+    authenticator: Authenticator
+    resolver: ClientAddressResolver
+    throttle: FailureThrottle
+    spool: Spool
+    metrics: Metrics
+    repository: Repository | None = None
+    recorder_: Recorder | None = None
+    logging_handle: LoggingHandle | None = None
+    throttled_since_log: dict[str, int] = field(default_factory=dict)
+    last_throttle_log: float = 0.0
+
+    @classmethod
+    def build(cls, settings: Settings) -> Runtime:
+        """Parts that validate configuration (keys, networks) but open nothing."""
+        spool = Spool(settings.spool_path)
+        return cls(
+            settings=settings,
+            authenticator=Authenticator(settings),
+            resolver=ClientAddressResolver(
+                allowed=settings.allowed_networks, trusted_proxies=settings.trusted_proxy_networks
+            ),
+            throttle=FailureThrottle(settings.auth_failures_limit),
+            spool=spool,
+            metrics=Metrics(spool.stats),
+        )
+
+    @property
+    def recorder(self) -> Recorder:
+        """The writer; only valid between start and stop."""
+        if self.recorder_ is None:
+            raise RuntimeError("el servicio no se ha iniciado")
+        return self.recorder_
+
+    def start(self) -> None:
+        """Open logs, the database engine, the spool and the writer thread."""
+        settings = self.settings
+        self.logging_handle = ensure_logging(settings)
+        engine = make_engine(settings.resolved_database_url(), pool_size=settings.server_threads)
+        self.repository = Repository(engine, settings.final_state_set)
+        if engine.dialect.name == "sqlite":
+            # The embedded default must work with no set-up at all.
+            try:
+                self.repository.create_schema()
+            except Exception as exc:
+                log.error("No se pudo crear la tabla Ejecuciones en SQLite: %s", exc)
+        try:
+            self.spool.open()
+        except SpoolError as exc:
+            # Serving without a spool is still useful while the database answers; /ready says so.
+            log.error("%s", exc)
+        events = RecorderEvents(
+            on_db_error=lambda where: self.metrics.db_errors.labels(where).inc(),
+            on_applied=lambda result: self.metrics.spool_applied.labels(result).inc(),
+        )
+        self.recorder_ = Recorder(
+            self.repository, self.spool, match_window=settings.match_window_seconds, events=events
+        )
+        self.recorder_.start()
+        if settings.auth_mode == "none":
+            log.warning("CALLBACK_AUTH_MODE=none: el endpoint acepta callbacks sin autenticación")
+        log.info(
+            "sam-callback listo: endpoint=%s modo_auth=%s base_de_datos=%s spool=%s",
+            settings.endpoint_path, settings.auth_mode, engine.url.render_as_string(hide_password=True), settings.spool_path,
+        )  # fmt: skip
+
+    def stop(self) -> None:
+        """Finish pending writes and close everything."""
+        if self.recorder_ is not None:
+            self.recorder_.stop()
+            self.recorder_ = None
+        self.spool.close()
+        if self.repository is not None:
+            self.repository.dispose()
+        log.info("sam-callback detenido")
+        close_logging(self.logging_handle)
+        self.logging_handle = None
+
+    def spool_stats(self) -> SpoolStats | None:
+        """Spool figures, or None when the spool cannot be read."""
+        try:
+            return self.spool.stats()
+        except SpoolError:
+            return None
+
+    def note_throttled(self, client: str) -> None:
+        """Count a throttled failure; log a summary at most once a minute instead of each one."""
+        self.throttled_since_log[client] = self.throttled_since_log.get(client, 0) + 1
+        now = time.monotonic()
+        if now - self.last_throttle_log >= 60 or len(self.throttled_since_log) > 1000:
+            summary = ", ".join(f"{addr}={count}" for addr, count in sorted(self.throttled_since_log.items())[:20])
+            log.warning("Fallos de autenticación limitados (429) en el último minuto: %s", summary)
+            self.throttled_since_log.clear()
+            self.last_throttle_log = now

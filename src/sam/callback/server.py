@@ -1,0 +1,105 @@
+"""Running the app under uvicorn: one process or several, HTTP or HTTPS, with a clean stop."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import ssl
+import tempfile
+from typing import Any
+
+import uvicorn
+
+from .app import create_app
+from .runtime import close_logging, ensure_logging
+from .settings import Settings
+
+log = logging.getLogger("sam.callback")
+
+GRACEFUL_SHUTDOWN_SECONDS = 30
+KEEP_ALIVE_SECONDS = 5
+
+
+class _SkipCallbackAccess(logging.Filter):
+    """The service writes its own line per callback; uvicorn's access line would repeat it."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        return not (
+            isinstance(args, tuple)
+            and len(args) >= 3
+            and str(args[2]).split("?", 1)[0].rstrip("/") == self.path.rstrip("/")
+        )
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """Options shared by the single-process and multi-process modes."""
+    options: dict[str, Any] = {
+        "host": settings.server_host,
+        "port": settings.server_port,
+        "log_config": None,
+        "proxy_headers": False,  # X-Forwarded-For is handled by CALLBACK_TRUSTED_PROXIES, and only there
+        "server_header": False,
+        "date_header": True,
+        "timeout_keep_alive": KEEP_ALIVE_SECONDS,
+        "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_SECONDS,
+        "h11_max_incomplete_event_size": 64 * 1024,
+    }
+    if settings.ssl_certfile and settings.ssl_keyfile:
+        options |= {
+            "ssl_certfile": str(settings.ssl_certfile),
+            "ssl_keyfile": str(settings.ssl_keyfile),
+            "ssl_version": ssl.PROTOCOL_TLS_SERVER,
+        }
+    return options
+
+
+def _ignore_stop_signals() -> None:
+    # uvicorn re-raises the stop signal once it has shut down cleanly; with the default
+    # handlers that would turn a graceful stop into exit code 143 or a KeyboardInterrupt.
+    for name in ("SIGTERM", "SIGINT", "SIGBREAK"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), lambda *_: None)
+
+
+def serve(settings: Settings) -> int:
+    """Serve until stopped; return the process exit code."""
+    handle = ensure_logging(settings)
+    logging.getLogger("uvicorn.access").addFilter(_SkipCallbackAccess(settings.endpoint_path))
+    try:
+        if settings.server_workers > 1:
+            return _serve_workers(settings)
+        config = uvicorn.Config(create_app(settings), **uvicorn_options(settings))
+        server = uvicorn.Server(config)
+        _ignore_stop_signals()
+        server.run()
+        return 0 if server.started or not server.should_exit else 1
+    finally:
+        close_logging(handle)
+
+
+def _serve_workers(settings: Settings) -> int:
+    # Each worker is a fresh interpreter that re-reads the same environment and .env; the
+    # metrics of all of them are summed through files in PROMETHEUS_MULTIPROC_DIR.
+    own_dir = None
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        own_dir = tempfile.mkdtemp(prefix="sam-callback-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = own_dir
+    try:
+        _ignore_stop_signals()
+        uvicorn.run(
+            "sam.callback.app:app_from_environment",
+            factory=True,
+            workers=settings.server_workers,
+            **uvicorn_options(settings),
+        )
+        return 0
+    finally:
+        if own_dir:
+            shutil.rmtree(own_dir, ignore_errors=True)

@@ -1,0 +1,326 @@
+"""The local durable spool: callbacks kept on disk until SAM's database has them."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .repository import Callback
+
+log = logging.getLogger("sam.callback.spool")
+
+QUEUED = "queued"
+PENDING = "pending_match"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    deployment_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    raw TEXT NOT NULL,
+    request_id TEXT NOT NULL DEFAULT '',
+    received_at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error TEXT,
+    unmatched INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS entries_chain ON entries (unmatched, deployment_id, seq);
+CREATE TABLE IF NOT EXISTS lease (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    owner TEXT NOT NULL,
+    until REAL NOT NULL
+);
+"""
+_COLUMNS = (
+    "seq, deployment_id, status, raw, request_id, received_at, kind, attempts, next_attempt_at, last_error, unmatched"
+)
+
+
+class SpoolError(Exception):
+    """The spool cannot keep a callback (disk full, read-only folder, corrupt file)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolEntry:
+    """One callback waiting in the spool."""
+
+    seq: int
+    deployment_id: str
+    status: str
+    raw: str
+    request_id: str
+    received_at: float
+    kind: str
+    attempts: int
+    next_attempt_at: float
+    last_error: str | None
+    unmatched: bool
+
+    @property
+    def callback(self) -> Callback:
+        """The callback to apply."""
+        return Callback(deployment_id=self.deployment_id, status=self.status, raw=self.raw)
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolStats:
+    """Backlog figures for /ready, /metrics and `spool list`."""
+
+    queued: int
+    pending: int
+    unmatched: int
+    oldest_received_at: float | None
+
+    @property
+    def backlog(self) -> int:
+        """Callbacks still to be applied (queued plus waiting for their row)."""
+        return self.queued + self.pending
+
+
+class Spool:
+    """SQLite file in WAL mode with synchronous=FULL, shared safely by several processes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+
+    def _connect(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            # FULL: the commit is on disk before the 2xx leaves, even if the machine loses power.
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.executescript(_SCHEMA)
+        except sqlite3.Error:
+            conn.close()
+            raise
+        return conn
+
+    def open(self) -> None:
+        """Open (creating folders and file); raise SpoolError when the file cannot be used."""
+        with self._lock:
+            self._ensure_open()
+
+    def _ensure_open(self) -> sqlite3.Connection:
+        if self._conn is None:
+            try:
+                self._conn = self._connect()
+            except (sqlite3.Error, OSError) as exc:
+                raise SpoolError(f"no se puede abrir el spool {self.path}: {exc}") from exc
+        return self._conn
+
+    @property
+    def is_open(self) -> bool:
+        """True when the file is open."""
+        return self._conn is not None
+
+    def close(self) -> None:
+        """Close the file."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            conn = self._ensure_open()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise SpoolError(f"el spool no pudo guardar: {exc}") from exc
+
+    def _read(self, sql: str, params: Sequence[object] = ()) -> list[tuple[object, ...]]:
+        with self._lock:
+            conn = self._ensure_open()
+            try:
+                return conn.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise SpoolError(f"el spool no se pudo leer: {exc}") from exc
+
+    def add(self, items: Iterable[tuple[Callback, str, str]], *, now: float, first_delay: float) -> None:
+        """Keep callbacks `(callback, request_id, kind)` in one durable transaction."""
+        rows = [
+            (
+                cb.deployment_id,
+                cb.status,
+                cb.raw,
+                request_id,
+                now,
+                kind,
+                now + (first_delay if kind == PENDING else 0.0),
+            )
+            for cb, request_id, kind in items
+        ]
+        with self._write() as conn:
+            conn.executemany(
+                "INSERT INTO entries (deployment_id, status, raw, request_id, received_at, kind, next_attempt_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            # A new callback for a run whose row was missing hints that the row may exist now.
+            conn.executemany(
+                "UPDATE entries SET next_attempt_at = ? WHERE kind = ? AND unmatched = 0 AND next_attempt_at > ? "
+                "AND seq = (SELECT MIN(seq) FROM entries e WHERE e.deployment_id = ? AND e.unmatched = 0)",
+                [(now, PENDING, now, row[0]) for row in rows],
+            )
+
+    def waiting_kinds(self, deployment_ids: Iterable[str]) -> dict[str, str]:
+        """For ids that already wait in the spool, the kind a newcomer inherits (queued wins)."""
+        ids = list(set(deployment_ids))
+        if not ids:
+            return {}
+        found: dict[str, str] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            sql = f"SELECT deployment_id, MIN(kind) FROM entries WHERE unmatched = 0 AND deployment_id IN ({marks}) GROUP BY deployment_id"  # noqa: S608 - only '?' marks are interpolated
+            for deployment_id, kind in self._read(sql, chunk):
+                found[str(deployment_id)] = str(kind)  # 'pending_match' < 'queued' alphabetically
+        return {key: (PENDING if kind == PENDING else QUEUED) for key, kind in found.items()}
+
+    def next_due(self) -> float | None:
+        """When the earliest waiting chain is due, or None when nothing waits."""
+        rows = self._read("SELECT MIN(next_attempt_at) FROM entries WHERE unmatched = 0")
+        value = rows[0][0] if rows else None
+        return float(value) if isinstance(value, int | float) else None
+
+    def claim_lease(self, owner: str, *, now: float, ttl: float) -> bool:
+        """Take or renew the right to drain; only one process drains at a time."""
+        with self._write() as conn:
+            row = conn.execute("SELECT owner, until FROM lease WHERE id = 1").fetchone()
+            if row is not None and row[0] != owner and float(row[1]) > now:
+                return False
+            conn.execute(
+                "INSERT INTO lease (id, owner, until) VALUES (1, ?, ?) "
+                "ON CONFLICT(id) DO UPDATE SET owner = excluded.owner, until = excluded.until",
+                (owner, now + ttl),
+            )
+            return True
+
+    def release_lease(self, owner: str) -> None:
+        """Give the lease up at shutdown so another process can drain at once."""
+        with self._write() as conn:
+            conn.execute("DELETE FROM lease WHERE owner = ?", (owner,))
+
+    def due_chains(self, *, now: float, limit: int) -> list[SpoolEntry]:
+        """Entries of every run whose oldest waiting callback is due, in arrival order."""
+        sql = f"""
+            WITH heads AS (
+                SELECT deployment_id, MIN(seq) AS head FROM entries WHERE unmatched = 0 GROUP BY deployment_id
+            )
+            SELECT {", ".join("e." + c.strip() for c in _COLUMNS.split(","))} FROM heads h
+            JOIN entries he ON he.seq = h.head
+            JOIN entries e ON e.deployment_id = h.deployment_id AND e.unmatched = 0
+            WHERE he.next_attempt_at <= ?
+            ORDER BY e.seq LIMIT ?
+        """  # noqa: S608 - the column list is a constant
+        return [_entry(row) for row in self._read(sql, (now, limit))]
+
+    def complete(self, seqs: Iterable[int]) -> None:
+        """Forget entries the database now has."""
+        with self._write() as conn:
+            conn.executemany("DELETE FROM entries WHERE seq = ?", [(seq,) for seq in seqs])
+
+    def reschedule(self, updates: Iterable[tuple[int, float, str, str | None, bool]]) -> None:
+        """Set `(seq, next_attempt_at, kind, last_error, unmatched)` after a try."""
+        with self._write() as conn:
+            conn.executemany(
+                "UPDATE entries SET attempts = attempts + 1, next_attempt_at = ?, kind = ?, last_error = ?, unmatched = ? WHERE seq = ?",
+                [(due, kind, error, int(unmatched), seq) for seq, due, kind, error, unmatched in updates],
+            )
+
+    def stats(self) -> SpoolStats:
+        """Counts by kind and the oldest waiting callback."""
+        rows = self._read(
+            "SELECT SUM(unmatched = 0 AND kind = ?), SUM(unmatched = 0 AND kind = ?), SUM(unmatched), "
+            "MIN(CASE WHEN unmatched = 0 THEN received_at END) FROM entries",
+            (QUEUED, PENDING),
+        )
+        queued, pending, unmatched, oldest = rows[0] if rows else (0, 0, 0, None)
+        return SpoolStats(
+            queued=int(queued or 0),  # type: ignore[call-overload]
+            pending=int(pending or 0),  # type: ignore[call-overload]
+            unmatched=int(unmatched or 0),  # type: ignore[call-overload]
+            oldest_received_at=float(oldest) if isinstance(oldest, int | float) else None,
+        )
+
+    def entries(self, *, only_unmatched: bool = False, limit: int = 1000) -> list[SpoolEntry]:
+        """Entries for an operator, oldest first."""
+        where = "WHERE unmatched = 1" if only_unmatched else ""
+        sql = f"SELECT {_COLUMNS} FROM entries {where} ORDER BY seq LIMIT ?"  # noqa: S608 - constant fragments
+        return [_entry(row) for row in self._read(sql, (limit,))]
+
+    def retry_now(self, *, only_unmatched: bool = False) -> int:
+        """Make entries due now (unmatched ones get a new match window); return how many."""
+        now = time.time()
+        with self._write() as conn:
+            if only_unmatched:
+                cur = conn.execute(
+                    "UPDATE entries SET unmatched = 0, received_at = ?, next_attempt_at = ? WHERE unmatched = 1",
+                    (now, now),
+                )
+            else:
+                cur = conn.execute(
+                    "UPDATE entries SET next_attempt_at = ?, received_at = CASE WHEN unmatched = 1 THEN ? ELSE received_at END, unmatched = 0",
+                    (now, now),
+                )
+            return cur.rowcount
+
+    def purge(self, *, only_unmatched: bool = True, older_than: float | None = None) -> int:
+        """Delete entries an operator gave up on; return how many."""
+        clauses = ["unmatched = 1"] if only_unmatched else []
+        params: list[object] = []
+        if older_than is not None:
+            clauses.append("received_at < ?")
+            params.append(older_than)
+        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+        with self._write() as conn:
+            return conn.execute(f"DELETE FROM entries {where}", params).rowcount  # noqa: S608
+
+
+def _entry(row: tuple[object, ...]) -> SpoolEntry:
+    (
+        seq,
+        deployment_id,
+        status,
+        raw,
+        request_id,
+        received_at,
+        kind,
+        attempts,
+        due,
+        error,
+        unmatched,
+    ) = row
+    return SpoolEntry(
+        seq=int(seq),  # type: ignore[call-overload]
+        deployment_id=str(deployment_id),
+        status=str(status),
+        raw=str(raw),
+        request_id=str(request_id),
+        received_at=float(received_at),  # type: ignore[arg-type]
+        kind=str(kind),
+        attempts=int(attempts),  # type: ignore[call-overload]
+        next_attempt_at=float(due),  # type: ignore[arg-type]
+        last_error=None if error is None else str(error),
+        unmatched=bool(unmatched),
+    )
