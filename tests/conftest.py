@@ -45,7 +45,9 @@ class Keys:
     private: rsa.RSAPrivateKey
     public_pem: str
 
-    def token(self, *, expires_in: float = 300, headers: dict[str, Any] | None = None, key: Any = None, **claims: Any) -> str:
+    def token(
+        self, *, expires_in: float = 300, headers: dict[str, Any] | None = None, key: Any = None, **claims: Any
+    ) -> str:
         """A JWT signed with RS256 (or with `key`), expiring in `expires_in` seconds."""
         now = int(time.time())
         payload = {"iat": now, "exp": now + int(expires_in), "sub": "gateway"} | claims
@@ -121,14 +123,20 @@ def fetch_run(url_or_engine: str | sa.Engine, deployment_id: str) -> dict[str, A
     engine = make_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
     try:
         with engine.connect() as conn:
-            row = conn.execute(sa.select(ejecuciones).where(ejecuciones.c.DeploymentId == deployment_id)).mappings().first()
+            row = (
+                conn.execute(sa.select(ejecuciones).where(ejecuciones.c.DeploymentId == deployment_id))
+                .mappings()
+                .first()
+            )
             return dict(row) if row else None
     finally:
         if isinstance(url_or_engine, str):
             engine.dispose()
 
 
-def wait_for(predicate: Callable[[], Any], *, timeout: float = 30.0, interval: float = 0.05, what: str = "condición") -> Any:
+def wait_for(
+    predicate: Callable[[], Any], *, timeout: float = 30.0, interval: float = 0.05, what: str = "condición"
+) -> Any:
     """Poll until `predicate()` is truthy; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -205,7 +213,13 @@ class ServerProcess:
         log = self.cwd / f"server-{len(self.output)}.out"
         self.output.append(log)
         with log.open("wb") as sink:
-            self.process = subprocess.Popen([sys.executable, "-m", "sam.callback"], cwd=self.cwd, env=self.env, stdout=sink, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "sam.callback"],
+                cwd=self.cwd,
+                env=self.env,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+            )
         if wait:
             wait_for(self._healthy, timeout=30, what=f"arranque del servidor en {self.base_url}")
         return self

@@ -9,11 +9,11 @@ from typing import Any
 
 import jwt
 import pytest
-from conftest import TOKEN, Keys
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi.testclient import TestClient
 
+from conftest import TOKEN, Keys
 from sam.callback.app import create_app
 from sam.callback.settings import ConfigError, Settings, load_settings
 
@@ -84,7 +84,9 @@ def test_none_mode_accepts_anything(app_with: Callable[..., TestClient]) -> None
 
 
 def test_jwt_claims_are_enforced(app_with: Callable[..., TestClient], keys: Keys, other_keys: Keys) -> None:
-    with app_with(jwt_public_key=keys.public_pem, token=None, jwt_audience="sam", jwt_issuer="apic", jwt_leeway_seconds=30) as api:
+    with app_with(
+        jwt_public_key=keys.public_pem, token=None, jwt_audience="sam", jwt_issuer="apic", jwt_leeway_seconds=30
+    ) as api:
         good = {"aud": "sam", "iss": "apic"}
         assert call(api, Authorization=bearer(keys.token(**good))) == ACCEPTED
         assert call(api, Authorization=bearer(keys.token(expires_in=-10, **good))) == ACCEPTED  # within leeway
@@ -105,12 +107,19 @@ def test_client_id_header_and_claim(app_with: Callable[..., TestClient], keys: K
         assert call(api, Authorization=bearer(token), **{"x-ibm-client-id": "otro"}) == 401
         with_claim = keys.token(client_id="otro")
         assert call(api, Authorization=bearer(with_claim), **{"x-ibm-client-id": "cliente-123"}) == 401
-        assert call(api, Authorization=bearer(keys.token(client_id="cliente-123")), **{"x-ibm-client-id": "cliente-123"}) == ACCEPTED
+        assert (
+            call(api, Authorization=bearer(keys.token(client_id="cliente-123")), **{"x-ibm-client-id": "cliente-123"})
+            == ACCEPTED
+        )
 
 
 def test_es256_and_ps256_when_listed(app_with: Callable[..., TestClient], keys: Keys) -> None:
     ec_private = ec.generate_private_key(ec.SECP256R1())
-    ec_pem = ec_private.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    ec_pem = (
+        ec_private.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
     claims = {"exp": 9_999_999_999}
     with app_with(jwt_public_key=ec_pem, token=None, jwt_algorithms="ES256") as api:
         assert call(api, Authorization=bearer(jwt.encode(claims, ec_private, algorithm="ES256"))) == ACCEPTED

@@ -7,9 +7,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import TOKEN, auth_headers, fetch_run, insert_run, wait_for
 from fastapi.testclient import TestClient
 
+from conftest import TOKEN, auth_headers, fetch_run, insert_run, wait_for
 from sam.callback.app import create_app
 from sam.callback.settings import Settings
 
@@ -62,7 +62,9 @@ def test_reconciler_guesses_are_overwritten(api: TestClient, db_url: str, guess:
     assert fetch_run(db_url, "dep-g")["Estado"] == "RUN_FAILED"  # type: ignore[index]
 
 
-@pytest.mark.parametrize("final", ["COMPLETED", "RUN_COMPLETED", "RUN_FAILED", "RUN_ABORTED", "RUN_TIMED_OUT", "DEPLOY_FAILED"])
+@pytest.mark.parametrize(
+    "final", ["COMPLETED", "RUN_COMPLETED", "RUN_FAILED", "RUN_ABORTED", "RUN_TIMED_OUT", "DEPLOY_FAILED"]
+)
 def test_final_state_is_never_overwritten(api: TestClient, db_url: str, final: str) -> None:
     insert_run(db_url, "dep-f", final, CallbackInfo="original")
     answer = post(api, {"deploymentId": "dep-f", "status": "RUNNING"})
@@ -86,7 +88,9 @@ def test_early_callback_is_kept_and_matched_when_the_row_appears(api: TestClient
     ready = api.get("/ready").json()
     assert ready["spool"]["pending_match"] == 1
     insert_run(db_url, "dep-early", "RUNNING")
-    wait_for(lambda: (fetch_run(db_url, "dep-early") or {}).get("Estado") == "RUN_COMPLETED", timeout=30, what="emparejado")
+    wait_for(
+        lambda: (fetch_run(db_url, "dep-early") or {}).get("Estado") == "RUN_COMPLETED", timeout=30, what="emparejado"
+    )
     wait_for(lambda: api.get("/ready").json()["spool"]["backlog"] == 0, what="spool vacío")
 
 
@@ -100,7 +104,13 @@ def test_later_callback_for_a_waiting_run_queues_behind_it(api: TestClient, db_u
 
 def test_integer_ids_and_typed_bot_output_are_accepted(api: TestClient, db_url: str) -> None:
     insert_run(db_url, "dep-int", "RUNNING")
-    body = {"deploymentId": "dep-int", "status": "RUN_COMPLETED", "deviceId": 17, "userId": 42, "botOutput": {"r": {"type": "NUMBER", "number": "3"}}}
+    body = {
+        "deploymentId": "dep-int",
+        "status": "RUN_COMPLETED",
+        "deviceId": 17,
+        "userId": 42,
+        "botOutput": {"r": {"type": "NUMBER", "number": "3"}},
+    }
     assert post(api, body).json()["code"] == "updated"
 
 
@@ -201,12 +211,16 @@ def test_custom_endpoint_path(make_settings: Callable[..., Settings], tmp_path: 
     url = f"sqlite:///{(tmp_path / 'sam.db').as_posix()}"
     insert_run(url, "dep-path", "RUNNING")
     with TestClient(create_app(make_settings(endpoint_path="/a360/fin"))) as api:
-        answer = api.post("/a360/fin", content=b'{"deploymentId":"dep-path","status":"RUN_COMPLETED"}', headers=auth_headers())
+        answer = api.post(
+            "/a360/fin", content=b'{"deploymentId":"dep-path","status":"RUN_COMPLETED"}', headers=auth_headers()
+        )
         assert answer.status_code == 200
         assert api.post("/api/callback", content=b"{}", headers=auth_headers()).status_code == 404
 
 
-def test_database_unreachable_queues_then_restart_replays(make_settings: Callable[..., Settings], tmp_path: Any) -> None:
+def test_database_unreachable_queues_then_restart_replays(
+    make_settings: Callable[..., Settings], tmp_path: Any
+) -> None:
     good_url = f"sqlite:///{(tmp_path / 'sam.db').as_posix()}"
     insert_run(good_url, "dep-q", "RUNNING")
     # A PostgreSQL URL on a port nobody listens on: connection refused at once.
@@ -218,7 +232,9 @@ def test_database_unreachable_queues_then_restart_replays(make_settings: Callabl
         assert ready.status_code == 503 and ready.json()["spool"]["queued"] == 1
     assert fetch_run(good_url, "dep-q")["Estado"] == "RUNNING"  # type: ignore[index]
     with TestClient(create_app(make_settings(database_url=good_url))) as api:
-        wait_for(lambda: fetch_run(good_url, "dep-q")["Estado"] == "RUN_COMPLETED", what="spool reaplicado tras reiniciar")  # type: ignore[index]
+        wait_for(
+            lambda: fetch_run(good_url, "dep-q")["Estado"] == "RUN_COMPLETED", what="spool reaplicado tras reiniciar"
+        )  # type: ignore[index]
         wait_for(lambda: api.get("/ready").json()["spool"]["backlog"] == 0, what="spool vacío")
 
 

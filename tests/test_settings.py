@@ -9,8 +9,8 @@ from pathlib import Path
 from urllib.parse import unquote_plus
 
 import pytest
-from conftest import TOKEN
 
+from conftest import TOKEN
 from sam.callback.settings import ConfigError, Settings, load_settings
 
 
@@ -26,7 +26,14 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert (s.server_host, s.server_port, s.server_threads, s.server_workers) == ("0.0.0.0", 8008, 10, 1)  # noqa: S104
     assert s.endpoint_path == "/api/callback" and s.auth_mode == "optional"
     assert s.max_body_bytes == 1_048_576 and s.match_window_seconds == 86400 and s.auth_failures_limit == 30
-    assert s.final_state_set == {"COMPLETED", "RUN_COMPLETED", "RUN_FAILED", "RUN_ABORTED", "RUN_TIMED_OUT", "DEPLOY_FAILED"}
+    assert s.final_state_set == {
+        "COMPLETED",
+        "RUN_COMPLETED",
+        "RUN_FAILED",
+        "RUN_ABORTED",
+        "RUN_TIMED_OUT",
+        "DEPLOY_FAILED",
+    }
     assert s.log_file == Path("./logs/sam_callback_server.log") and s.log_level == "INFO" and s.log_format == "text"
     assert s.log_backup_count == 30 and s.jwt_algorithm_list == ["RS256"] and s.jwt_leeway_seconds == 60
     assert s.spool_path == Path("./data/spool.db")
@@ -49,7 +56,9 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         ("LOG_ARCHIVO_CALLBACK", "cb2.log", "log_filename", "cb2.log"),
     ],
 )
-def test_spanish_aliases(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, alias: str, value: str, attribute: str, expected: object) -> None:
+def test_spanish_aliases(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, alias: str, value: str, attribute: str, expected: object
+) -> None:
     s = settings_from_env(monkeypatch, tmp_path, CALLBACK_TOKEN=TOKEN, **{alias: value})
     assert getattr(s, attribute) == expected
 
@@ -67,7 +76,15 @@ def test_env_file_is_read_and_environment_wins(monkeypatch: pytest.MonkeyPatch, 
 
 
 def test_database_url_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    s = settings_from_env(monkeypatch, tmp_path, CALLBACK_TOKEN=TOKEN, SQL_SAM_HOST="sqlsrv01", SQL_SAM_DB_NAME="SAM", SQL_SAM_UID="u", SQL_SAM_PWD="p;w}d")
+    s = settings_from_env(
+        monkeypatch,
+        tmp_path,
+        CALLBACK_TOKEN=TOKEN,
+        SQL_SAM_HOST="sqlsrv01",
+        SQL_SAM_DB_NAME="SAM",
+        SQL_SAM_UID="u",
+        SQL_SAM_PWD="p;w}d",
+    )
     url = s.resolved_database_url()
     assert url.startswith("mssql+pyodbc:///?odbc_connect=")
     odbc = unquote_plus(url.split("=", 1)[1])
@@ -79,14 +96,26 @@ def test_database_url_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 
 
 def test_windows_integrated_security_without_uid(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    s = settings_from_env(monkeypatch, tmp_path, CALLBACK_TOKEN=TOKEN, SQL_SAM_HOST="sqlsrv01", SQL_SAM_DB_NAME="SAM", SQL_SAM_DRIVER="ODBC Driver 18 for SQL Server")
+    s = settings_from_env(
+        monkeypatch,
+        tmp_path,
+        CALLBACK_TOKEN=TOKEN,
+        SQL_SAM_HOST="sqlsrv01",
+        SQL_SAM_DB_NAME="SAM",
+        SQL_SAM_DRIVER="ODBC Driver 18 for SQL Server",
+    )
     odbc = unquote_plus(s.resolved_database_url().split("=", 1)[1])
     assert "Trusted_Connection=yes" in odbc and "DRIVER={ODBC Driver 18 for SQL Server}" in odbc
 
 
 def test_each_bad_value_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
-    for name, value in {"CALLBACK_SERVER_PORT": "ochenta", "CALLBACK_AUTH_MODE": "quizas", "LOG_FORMAT": "xml", "CALLBACK_TOKEN": TOKEN}.items():
+    for name, value in {
+        "CALLBACK_SERVER_PORT": "ochenta",
+        "CALLBACK_AUTH_MODE": "quizas",
+        "LOG_FORMAT": "xml",
+        "CALLBACK_TOKEN": TOKEN,
+    }.items():
         monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError) as error:
         load_settings()
@@ -99,7 +128,14 @@ def test_each_bad_value_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: P
 
 def run_cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("CALLBACK_", "SAM_", "SQL_SAM_", "JWT_", "LOG_"))}
-    return subprocess.run([sys.executable, "-m", "sam.callback", *args], cwd=tmp_path, env=clean | env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "sam.callback", *args],
+        cwd=tmp_path,
+        env=clean | env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @pytest.mark.parametrize(

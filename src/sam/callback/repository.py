@@ -32,7 +32,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import mssql, postgresql
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.schema import CreateIndex, CreateTable
@@ -159,22 +159,34 @@ def lookup_state() -> Any:
 
 
 class _Prepared:
-    """A Core statement compiled once for one dialect, executed on the driver's cursor."""
+    """A Core statement compiled once for one dialect, run as plain driver SQL on the hot path."""
 
-    def __init__(self, statement: Any, engine: Engine, **fixed: Any) -> None:
-        compiled = statement.compile(
-            dialect=engine.dialect,
-            schema_translate_map=engine.get_execution_options().get("schema_translate_map"),
-        )
+    def __init__(self, statement: Any, dialect: Dialect, schema: str | None = None) -> None:
+        options: dict[str, Any] = {}
+        if schema is not None:
+            options = {"schema_translate_map": {None: schema}, "render_schema_translate": True}
+        compiled = statement.compile(dialect=dialect, **options)
         self.sql = str(compiled)
-        self.fixed = {key: value for key, value in compiled.params.items() if value is not None} | fixed
+        self.fixed = {key: value for key, value in compiled.params.items() if value is not None}
         self.order = list(compiled.positiontup or []) if compiled.positional else None
 
     def params(self, **values: Any) -> Any:
+        """Driver parameters in the dialect's paramstyle."""
         merged = self.fixed | values
         if self.order is not None:
             return tuple(merged[name] for name in self.order)
         return merged
+
+
+def compile_statements(
+    final_states: Iterable[str], dialect: Dialect, schema: str | None = None
+) -> dict[str, _Prepared]:
+    """The hot-path statements as the given database will receive them."""
+    return {
+        "update_final": _Prepared(guarded_update(final_states, final=True), dialect, schema),
+        "update_open": _Prepared(guarded_update(final_states, final=False), dialect, schema),
+        "lookup": _Prepared(lookup_state(), dialect, schema),
+    }
 
 
 def is_disconnect(exc: BaseException) -> bool:
@@ -241,9 +253,11 @@ class Repository:
     def __init__(self, engine: Engine, final_states: Iterable[str]) -> None:
         self.engine = engine
         self.final_states = frozenset(final_states)
-        self._update_final = _Prepared(guarded_update(self.final_states, final=True), engine)
-        self._update_open = _Prepared(guarded_update(self.final_states, final=False), engine)
-        self._lookup = _Prepared(lookup_state(), engine)
+        schema = "dbo" if engine.dialect.name == "mssql" else None
+        statements = compile_statements(self.final_states, engine.dialect, schema)
+        self._update_final = statements["update_final"]
+        self._update_open = statements["update_open"]
+        self._lookup = statements["lookup"]
 
     def apply_many(self, callbacks: Sequence[Callback]) -> list[Outcome]:
         """Record callbacks in one transaction, in order; raise SQLAlchemyError on failure."""

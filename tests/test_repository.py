@@ -1,0 +1,148 @@
+"""SAM's database: the T-SQL SQL Server receives (compiled with the mssql dialect) and the guarded update."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.dialects.mssql import pyodbc as mssql_pyodbc
+from sqlalchemy.dialects.postgresql import psycopg as pg_psycopg
+
+from conftest import fetch_run, insert_run
+from sam.callback.repository import Callback, Outcome, Repository, compile_statements, make_engine, mssql_ddl
+from sam.callback.settings import DEFAULT_FINAL_STATES
+
+FINALS = sorted(DEFAULT_FINAL_STATES)
+
+
+def normalise(sql: str) -> str:
+    return " ".join(sql.split())
+
+
+def test_guarded_update_in_tsql() -> None:
+    statements = compile_statements(FINALS, mssql_pyodbc.dialect(paramstyle="qmark"), "dbo")
+    final = normalise(statements["update_final"].sql)
+    marks = ", ".join("?" * len(FINALS))
+    assert final == normalise(
+        "UPDATE dbo.[Ejecuciones] SET [FechaFin]=GETDATE(), [Estado]=?, [FechaActualizacion]=GETDATE(), [CallbackInfo]=?, "
+        "[FechaInicioReal]=coalesce(dbo.[Ejecuciones].[FechaInicioReal], GETDATE()) "
+        f"WHERE dbo.[Ejecuciones].[DeploymentId] = ? AND (dbo.[Ejecuciones].[Estado] NOT IN ({marks})) "
+        "AND dbo.[Ejecuciones].[Estado] != ?"
+    )
+    params = statements["update_final"].params(deployment_id="d", new_status="RUN_FAILED", raw="{}")
+    assert params == ("RUN_FAILED", "{}", "d", *FINALS, "RUN_FAILED")
+    open_update = normalise(statements["update_open"].sql)
+    assert "[FechaFin]" not in open_update and "GETDATE()" in open_update
+    assert (
+        normalise(statements["lookup"].sql)
+        == "SELECT dbo.[Ejecuciones].[Estado] FROM dbo.[Ejecuciones] WHERE dbo.[Ejecuciones].[DeploymentId] = ?"
+    )
+
+
+def test_statements_are_parameterised_on_every_dialect() -> None:
+    evil = "x'; DROP TABLE Ejecuciones; --"
+    for dialect, schema in (
+        (mssql_pyodbc.dialect(paramstyle="qmark"), "dbo"),
+        (pg_psycopg.dialect(), None),
+        (sqlite_dialect.dialect(), None),
+    ):
+        for prepared in compile_statements(FINALS, dialect, schema).values():
+            assert evil not in prepared.sql and "RUN_FAILED" not in prepared.sql
+            assert evil in str(prepared.params(deployment_id=evil, new_status="S", raw="{}"))
+
+
+def test_postgresql_uses_sams_quoted_names() -> None:
+    sql = compile_statements(FINALS, pg_psycopg.dialect())["update_final"].sql
+    assert 'UPDATE "Ejecuciones" SET "FechaFin"=LOCALTIMESTAMP(0)' in sql and '"CallbackInfo"' in sql
+
+
+def test_init_db_tsql_matches_sams_table() -> None:
+    ddl = normalise(mssql_ddl())
+    for fragment in (
+        "CREATE TABLE dbo.[Ejecuciones]",
+        "[EjecucionId] INTEGER NOT NULL IDENTITY(1,1)",
+        "[DeploymentId] NVARCHAR(50) NOT NULL",
+        "[Hora] TIME(0) NULL",
+        "[FechaInicio] DATETIME2(0) NOT NULL DEFAULT GETDATE()",
+        "[FechaFin] DATETIME2(0) NULL",
+        "[Estado] NVARCHAR(20) NOT NULL",
+        "[CallbackInfo] NVARCHAR(max) NULL",
+        "[IntentosConciliadorFallidos] INTEGER NOT NULL DEFAULT 0",
+        "[FechaUltimoUNKNOWN] DATETIME NULL",
+        "[FechaInicioReal] DATETIME NULL",
+        "PRIMARY KEY ([EjecucionId])",
+        "UNIQUE ([DeploymentId])",
+    ):
+        assert fragment in ddl, fragment
+
+
+def test_outcomes_in_one_transaction(tmp_path: Path) -> None:
+    url = f"sqlite:///{(tmp_path / 'sam.db').as_posix()}"
+    insert_run(url, "a", "RUNNING")
+    insert_run(url, "b", "RUN_COMPLETED")
+    repository = Repository(make_engine(url), DEFAULT_FINAL_STATES)
+    try:
+        outcomes = repository.apply_many(
+            [
+                Callback("a", "RUN_FAILED", '{"n":1}'),
+                Callback("a", "RUN_COMPLETED", '{"n":2}'),
+                Callback("b", "RUN_FAILED", "{}"),
+                Callback("c", "RUN_FAILED", "{}"),
+            ]
+        )
+    finally:
+        repository.dispose()
+    assert outcomes == [Outcome.UPDATED, Outcome.ALREADY_PROCESSED, Outcome.ALREADY_PROCESSED, Outcome.NOT_FOUND]
+    row = fetch_run(url, "a")
+    assert row is not None and row["Estado"] == "RUN_FAILED" and row["CallbackInfo"] == '{"n":1}'
+
+
+def test_concurrent_writers_on_postgresql_update_exactly_once(pg_url: str) -> None:
+    """Two connections racing on one run: the guarded statement lets exactly one win."""
+    insert_run(pg_url, "race", "RUNNING")
+    repositories = [Repository(make_engine(pg_url), DEFAULT_FINAL_STATES) for _ in range(8)]
+    results: list[Outcome] = []
+    barrier = threading.Barrier(len(repositories))
+
+    def attempt(repository: Repository, status: str) -> None:
+        barrier.wait()
+        results.extend(repository.apply_many([Callback("race", status, f'{{"s":"{status}"}}')]))
+
+    statuses = ["RUN_COMPLETED", "RUN_FAILED"] * 4
+    threads = [threading.Thread(target=attempt, args=(r, s)) for r, s in zip(repositories, statuses, strict=True)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    for repository in repositories:
+        repository.dispose()
+    assert results.count(Outcome.UPDATED) == 1 and results.count(Outcome.ALREADY_PROCESSED) == 7
+    row = fetch_run(pg_url, "race")
+    assert row is not None and row["CallbackInfo"] == f'{{"s":"{row["Estado"]}"}}'
+
+
+def test_database_clock_is_used(pg_url: str) -> None:
+    insert_run(pg_url, "clock", "RUNNING")
+    repository = Repository(make_engine(pg_url), DEFAULT_FINAL_STATES)
+    try:
+        repository.apply_many([Callback("clock", "RUN_COMPLETED", "{}")])
+        with repository.engine.connect() as conn:
+            db_now = conn.execute(sa.text("SELECT LOCALTIMESTAMP(0)")).scalar_one()
+    finally:
+        repository.dispose()
+    row = fetch_run(pg_url, "clock")
+    assert row is not None and abs((db_now - row["FechaFin"]).total_seconds()) < 60
+
+
+def test_sqlite_schema_is_created_on_first_start(make_settings: Callable[..., object], tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from sam.callback.app import create_app
+
+    url = f"sqlite:///{(tmp_path / 'nuevo' / 'sam.db').as_posix()}"
+    with TestClient(create_app(make_settings(database_url=url))):  # type: ignore[arg-type]
+        pass
+    assert sa.inspect(make_engine(url)).has_table("Ejecuciones")
