@@ -1,0 +1,127 @@
+"""The `sam-callback` command as an operator runs it: init-db, check, send, spool, serve."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import sqlalchemy as sa
+from conftest import TOKEN, ServerProcess, fetch_run, insert_run, wait_for
+
+from sam.callback.repository import make_engine
+
+_OURS = ("CALLBACK_", "SAM_", "SQL_SAM_", "JWT_", "LOG_", "API_GATEWAY_")
+
+
+def cli(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(_OURS)}
+    base = {"CALLBACK_TOKEN": TOKEN, "LOG_DIRECTORY": str(cwd / "logs")}
+    return subprocess.run(
+        [sys.executable, "-m", "sam.callback", *args], cwd=cwd, env=clean | base | env, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_init_db_creates_the_table_on_sqlite_and_is_idempotent(tmp_path: Path) -> None:
+    first = cli(tmp_path, "init-db")
+    assert first.returncode == 0, first.stderr
+    assert sa.inspect(make_engine("sqlite:///" + (tmp_path / "data" / "sam.db").as_posix())).has_table("Ejecuciones")
+    second = cli(tmp_path, "init-db")
+    assert second.returncode == 0 and "ya existía" in second.stdout
+
+
+def test_init_db_on_postgresql(tmp_path: Path, pg_server: str) -> None:
+    name = f"samcb_init_{os.getpid()}"
+    admin = sa.create_engine(pg_server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = pg_server.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        result = cli(tmp_path, "init-db", SAM_DATABASE_URL=url)
+        assert result.returncode == 0, result.stderr
+        engine = make_engine(url)
+        assert sa.inspect(engine).has_table("Ejecuciones")
+        engine.dispose()
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def test_init_db_prints_tsql_for_sql_server(tmp_path: Path) -> None:
+    result = cli(tmp_path, "init-db", SQL_SAM_HOST="sqlsrv01", SQL_SAM_DB_NAME="SAM")
+    assert result.returncode == 0
+    assert "CREATE TABLE dbo.[Ejecuciones]" in result.stdout and "GO" in result.stdout
+    assert cli(tmp_path, "init-db", "--print-sql").stdout.count("CREATE TABLE") == 1
+
+
+def test_check_reports_ok_and_warns_about_short_tokens(tmp_path: Path) -> None:
+    cli(tmp_path, "init-db")
+    result = cli(tmp_path, "check", CALLBACK_TOKEN="corto")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "[OK]" in result.stdout and "Tabla Ejecuciones presente" in result.stdout
+    assert "[AVISO]" in result.stdout and "32" in result.stdout
+    assert "corto" not in result.stdout
+
+
+def test_check_fails_readably_when_the_database_is_down(tmp_path: Path) -> None:
+    result = cli(tmp_path, "check", SAM_DATABASE_URL="postgresql+psycopg://postgres:secreto@127.0.0.1:1/sam")
+    assert result.returncode == 1
+    assert "[ERROR] Base de datos no accesible" in result.stdout
+    assert "secreto" not in result.stdout + result.stderr and "Traceback" not in result.stdout + result.stderr
+
+
+def test_check_warns_about_mode_none(tmp_path: Path) -> None:
+    result = cli(tmp_path, "check", CALLBACK_AUTH_MODE="none")
+    assert "CALLBACK_AUTH_MODE=none" in result.stdout
+
+
+def test_send_posts_a_sample_callback_to_a_running_server(server_factory: Callable[..., ServerProcess], tmp_path: Path) -> None:
+    server = server_factory().start()
+    db = server.env["SAM_DATABASE_URL"]
+    insert_run(db, "smoke-1", "RUNNING")
+    result = cli(tmp_path, "send", "--url", server.callback_url, "--deployment-id", "smoke-1", "--status", "RUN_COMPLETED")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "HTTP 200" in result.stdout and '"updated"' in result.stdout
+    assert fetch_run(db, "smoke-1")["Estado"] == "RUN_COMPLETED"  # type: ignore[index]
+    wrong = cli(tmp_path, "send", "--url", server.callback_url, CALLBACK_TOKEN="otro-token-que-no-vale-para-nada-xx")
+    assert wrong.returncode == 1 and "HTTP 401" in wrong.stdout
+    assert server.stop() == 0
+
+
+def test_spool_list_retry_purge(server_factory: Callable[..., ServerProcess], tmp_path: Path) -> None:
+    server = server_factory(CALLBACK_MATCH_WINDOW_SECONDS="0").start()
+    env = {"CALLBACK_SPOOL_PATH": server.env["CALLBACK_SPOOL_PATH"]}
+    assert cli(tmp_path, "send", "--url", server.callback_url, "--deployment-id", "huerfano-1").returncode == 0
+    wait_for(lambda: "NO EMPAREJADO" in cli(tmp_path, "spool", "list", **env).stdout, what="listado como no emparejado")
+    listing = cli(tmp_path, "spool", "list", "--unmatched", **env)
+    assert "huerfano-1" in listing.stdout and "1 no emparejados" in listing.stdout
+    assert '"deployment_id": "huerfano-1"' in cli(tmp_path, "spool", "list", "--json", **env).stdout
+    assert server.stop() == 0
+    # The run appears late; an operator retries the unmatched callback and a restart applies it.
+    insert_run(server.env["SAM_DATABASE_URL"], "huerfano-1", "RUNNING")
+    retried = cli(tmp_path, "spool", "retry", "--unmatched", **env)
+    assert retried.returncode == 0 and retried.stdout.startswith("1 ")
+    server.env["CALLBACK_MATCH_WINDOW_SECONDS"] = "3600"
+    server.start()
+    wait_for(lambda: fetch_run(server.env["SAM_DATABASE_URL"], "huerfano-1")["Estado"] == "RUN_COMPLETED", what="aplicado tras retry")  # type: ignore[index]
+    assert server.stop() == 0
+    # Purge refuses without --yes, then removes what the operator gives up on.
+    server.env["CALLBACK_MATCH_WINDOW_SECONDS"] = "0"
+    server.start()
+    assert cli(tmp_path, "send", "--url", server.callback_url, "--deployment-id", "huerfano-2").returncode == 0
+    wait_for(lambda: "huerfano-2" in cli(tmp_path, "spool", "list", "--unmatched", **env).stdout, what="segundo no emparejado")
+    assert server.stop() == 0
+    assert cli(tmp_path, "spool", "purge", **env).returncode == 1
+    purged = cli(tmp_path, "spool", "purge", "--yes", **env)
+    assert purged.returncode == 0 and purged.stdout.startswith("1 ")
+    assert "huerfano-2" not in cli(tmp_path, "spool", "list", **env).stdout
+
+
+def test_python_dash_m_serves_and_stops_cleanly(server_factory: Callable[..., ServerProcess]) -> None:
+    server = server_factory().start()
+    assert server.stop() == 0
+    assert "sam-callback listo" in server.console()
