@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -19,8 +20,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .endpoint import CallbackEndpoint
 from .logs import request_id_var
 from .openapi import install_openapi
+from .protocols import apply_test_timeouts
 from .responses import envelope, request_id_from
-from .runtime import Runtime
+from .runtime import Runtime, close_logging, ensure_logging
 from .settings import Settings, load_settings
 
 log = logging.getLogger("sam.callback")
@@ -190,4 +192,10 @@ def _no_db() -> None:
 
 def app_from_environment() -> FastAPI:
     """Factory for `uvicorn --factory` and worker processes: settings from the environment."""
-    return create_app(load_settings())
+    # Worker processes are fresh interpreters: they apply the tests' short timeouts themselves.
+    apply_test_timeouts()
+    settings = load_settings()
+    # In a worker process uvicorn logs before the lifespan starts ("Started server process");
+    # configure logging now so those lines reach the file, and flush it when the worker exits.
+    atexit.register(close_logging, ensure_logging(settings))
+    return create_app(settings)

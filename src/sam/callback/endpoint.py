@@ -59,9 +59,13 @@ class CallbackEndpoint:
         seconds = time.perf_counter() - started
         self.runtime.metrics.observe_callback(code=code, status=status, seconds=seconds)
         if code != "too_many_requests":
+            duration_ms = round(seconds * 1000, 1)
+            # `fields` become top-level keys with LOG_FORMAT=json; the text layout ignores them.
+            fields = {"request_id": request_id, "client": client, "deploymentId": deployment_id,
+                      "status": status, "result": code, "duration_ms": duration_ms}  # fmt: skip
             log.info(
                 "callback cliente=%s deploymentId=%s estado=%s resultado=%s duracion_ms=%.1f",
-                client, deployment_id or "-", status or "-", code, seconds * 1000,
+                client, deployment_id or "-", status or "-", code, duration_ms, extra={"fields": fields},
             )  # fmt: skip
 
     async def _handle(

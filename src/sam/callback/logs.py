@@ -6,9 +6,11 @@ import contextvars
 import json
 import logging
 import logging.handlers
+import os
 import queue
 import re
 import sys
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -83,6 +85,52 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class SharedTimedRotatingFileHandler(logging.handlers.TimedRotatingFileHandler):
+    """Midnight rotation that stays correct when several worker processes share one file."""
+
+    def doRollover(self) -> None:  # noqa: N802 - the logging API's name
+        """Rotate, unless another process sharing the file has already done it for this day."""
+        done = self._rotated_name()
+        # With CALLBACK_SERVER_WORKERS>1 every worker has its own handler on the same file. The
+        # stock handler would delete the day another worker already rotated and rename today's
+        # file over it; instead, follow the new file. A failed rename (Windows refuses to rename
+        # a file another process holds open) must not retry and fail on every record either.
+        if not os.path.exists(done):
+            try:
+                super().doRollover()
+                return
+            except OSError as exc:
+                sys.stderr.write(f"sam-callback: no se pudo rotar {self.baseFilename}: {exc}\n")
+        if self.stream:
+            self.stream.close()
+            self.stream = None
+        self.stream = self._open()
+        self.rolloverAt = self.computeRollover(int(time.time()))
+
+    def _rotated_name(self) -> str:
+        # The name the stock doRollover gives the closing period, DST correction included.
+        start = self.rolloverAt - self.interval
+        when = time.gmtime(start) if self.utc else time.localtime(start)
+        if not self.utc and time.localtime()[-1] != when[-1]:
+            when = time.localtime(start + (3600 if time.localtime()[-1] else -3600))
+        return self.rotation_filename(self.baseFilename + "." + time.strftime(self.suffix, when))
+
+
+class _SkipCallbackAccess(logging.Filter):
+    """The service writes its own line per callback; uvicorn's access line would repeat it."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path.rstrip("/")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Drop uvicorn's access record for the callback path."""
+        args = record.args
+        return not (
+            isinstance(args, tuple) and len(args) >= 3 and str(args[2]).split("?", 1)[0].rstrip("/") == self.path
+        )
+
+
 class LoggingHandle:
     """The running log pipeline; `close()` flushes and detaches it."""
 
@@ -91,17 +139,25 @@ class LoggingHandle:
         listener: logging.handlers.QueueListener,
         handlers: list[logging.Handler],
         queue_handler: logging.Handler,
+        access_filter: logging.Filter | None = None,
     ) -> None:
         self.listener = listener
         self.handlers = handlers
         self.queue_handler = queue_handler
+        self.access_filter = access_filter
+        self.closed = False
 
     def close(self) -> None:
-        """Flush queued records and close the files."""
+        """Flush queued records and close the files; a second call does nothing."""
+        if self.closed:
+            return
+        self.closed = True
         for name in _MANAGED_LOGGERS:
             logger = logging.getLogger(name)
             if self.queue_handler in logger.handlers:
                 logger.removeHandler(self.queue_handler)
+        if self.access_filter is not None:
+            logging.getLogger("uvicorn.access").removeFilter(self.access_filter)
         self.listener.stop()
         for handler in self.handlers:
             handler.close()
@@ -113,7 +169,7 @@ def setup_logging(settings: Settings, secrets: Iterable[str] = ()) -> LoggingHan
     formatter: logging.Formatter = (
         JsonFormatter() if settings.log_format == "json" else logging.Formatter(TEXT_FORMAT, DATE_FORMAT)
     )
-    file_handler = logging.handlers.TimedRotatingFileHandler(
+    file_handler = SharedTimedRotatingFileHandler(
         settings.log_file,
         when="midnight",
         backupCount=settings.log_backup_count,
@@ -137,7 +193,10 @@ def setup_logging(settings: Settings, secrets: Iterable[str] = ()) -> LoggingHan
         if name in ("sam.callback", "uvicorn"):
             logger.addHandler(queue_handler)
         logger.propagate = name not in ("sam.callback", "uvicorn")
-    return LoggingHandle(listener, [file_handler, console], queue_handler)
+    # Installed here rather than in server.py so that every worker process gets it too.
+    access_filter = _SkipCallbackAccess(settings.endpoint_path)
+    logging.getLogger("uvicorn.access").addFilter(access_filter)
+    return LoggingHandle(listener, [file_handler, console], queue_handler, access_filter)
 
 
 def secrets_of(settings: Settings) -> list[str]:

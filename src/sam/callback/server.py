@@ -8,11 +8,13 @@ import shutil
 import signal
 import ssl
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import uvicorn
 
 from .app import create_app
+from .protocols import HttpToolsHeaderTimeoutProtocol, apply_test_timeouts
 from .runtime import close_logging, ensure_logging
 from .settings import Settings
 
@@ -20,22 +22,6 @@ log = logging.getLogger("sam.callback")
 
 GRACEFUL_SHUTDOWN_SECONDS = 30
 KEEP_ALIVE_SECONDS = 5
-
-
-class _SkipCallbackAccess(logging.Filter):
-    """The service writes its own line per callback; uvicorn's access line would repeat it."""
-
-    def __init__(self, path: str) -> None:
-        super().__init__()
-        self.path = path
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        args = record.args
-        return not (
-            isinstance(args, tuple)
-            and len(args) >= 3
-            and str(args[2]).split("?", 1)[0].rstrip("/") == self.path.rstrip("/")
-        )
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
@@ -50,6 +36,8 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "timeout_keep_alive": KEEP_ALIVE_SECONDS,
         "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_SECONDS,
         "h11_max_incomplete_event_size": 64 * 1024,
+        # uvicorn's own protocol waits for ever for a request's headers (slow clients).
+        "http": HttpToolsHeaderTimeoutProtocol,
     }
     if settings.ssl_certfile and settings.ssl_keyfile:
         options |= {
@@ -70,8 +58,8 @@ def _ignore_stop_signals() -> None:
 
 def serve(settings: Settings) -> int:
     """Serve until stopped; return the process exit code."""
+    apply_test_timeouts()
     handle = ensure_logging(settings)
-    logging.getLogger("uvicorn.access").addFilter(_SkipCallbackAccess(settings.endpoint_path))
     try:
         if settings.server_workers > 1:
             return _serve_workers(settings)
@@ -91,6 +79,13 @@ def _serve_workers(settings: Settings) -> int:
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         own_dir = tempfile.mkdtemp(prefix="sam-callback-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = own_dir
+    else:
+        # An operator-chosen folder outlives the process: files left by the previous run would
+        # be summed into this run's counters ("since start" would include yesterday).
+        folder = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob("*.db"):
+            stale.unlink(missing_ok=True)
     try:
         _ignore_stop_signals()
         uvicorn.run(

@@ -1,0 +1,187 @@
+"""Logs: SAM's text layout, JSON lines, request ids on every line, uvicorn's records, daily rotation."""
+
+from __future__ import annotations
+
+import json
+import logging
+import logging.handlers
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from conftest import TOKEN, ServerProcess, auth_headers, insert_run, wait_for
+from sam.callback.app import create_app
+from sam.callback.logs import LoggingHandle, SharedTimedRotatingFileHandler, setup_logging
+from sam.callback.settings import Settings
+
+# SAM's layout: "2024-05-01 10:00:00 - PID:123 - sam.callback.http - INFO - [rid] - message"
+TEXT_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d - PID:\d+ - [\w.]+ - [A-Z]+ - \[[^\]]+\] - .*$")
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+
+
+@pytest.fixture
+def logging_handle(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., tuple[Settings, LoggingHandle]]]:
+    """Set up the real log pipeline for given settings; always detached afterwards."""
+    handles: list[LoggingHandle] = []
+
+    def build(**overrides: object) -> tuple[Settings, LoggingHandle]:
+        settings = make_settings(**overrides)
+        handle = setup_logging(settings, [TOKEN])
+        handles.append(handle)
+        return settings, handle
+
+    yield build
+    for handle in handles:
+        handle.close()
+
+
+def test_text_layout_carries_the_request_id_on_every_line_of_a_request(settings: Settings) -> None:
+    with TestClient(create_app(settings)) as client:
+        answer = client.post(
+            "/api/callback",
+            json={"deploymentId": "d-1", "status": "RUN_COMPLETED"},
+            headers={**auth_headers("wrong-token-wrong-token"), "X-Request-ID": "req-text-1"},
+        )
+        assert answer.status_code == 401
+    lines = _lines(settings.log_file)
+    assert lines and all(TEXT_LINE.match(line) for line in lines), lines
+    ours = [line for line in lines if "[req-text-1]" in line]
+    # the warning with the reason, then the one line per callback
+    assert any("Autenticación fallida" in line for line in ours)
+    assert any("callback cliente=" in line and "resultado=unauthorized" in line for line in ours)
+    assert all("wrong-token" not in line for line in lines)
+
+
+def test_json_lines_with_structured_callback_fields_and_exceptions(
+    make_settings: Callable[..., Settings],
+) -> None:
+    settings = make_settings(log_format="json")
+    insert_run(settings.resolved_database_url(), "d-json")
+    with TestClient(create_app(settings)) as client:
+        answer = client.post(
+            "/api/callback",
+            json={"deploymentId": "d-json", "status": "RUN_COMPLETED"},
+            headers={**auth_headers(), "X-Request-ID": "req-json-1"},
+        )
+        assert answer.json()["code"] == "updated"
+        try:
+            raise ValueError(f"multi\nline with {TOKEN}")
+        except ValueError:
+            logging.getLogger("sam.callback").exception("fallo de prueba\ncon salto")
+    lines = _lines(settings.log_file)
+    entries = [json.loads(line) for line in lines]  # every line is one JSON object
+    callback = next(e for e in entries if e["message"].startswith("callback "))
+    assert callback["request_id"] == "req-json-1"
+    assert callback["client"] == "testclient"
+    assert callback["deploymentId"] == "d-json"
+    assert callback["status"] == "RUN_COMPLETED"
+    assert callback["result"] == "updated"
+    assert isinstance(callback["duration_ms"], float)
+    failure = next(e for e in entries if e["message"].startswith("fallo de prueba"))
+    assert failure["level"] == "ERROR"
+    assert "ValueError" in failure["message"] + failure.get("exception", "")
+    assert TOKEN not in "\n".join(lines)
+
+
+def test_uvicorn_records_go_through_the_same_json_handlers(
+    logging_handle: Callable[..., tuple[Settings, LoggingHandle]],
+) -> None:
+    settings, handle = logging_handle(log_format="json")
+    # The shapes uvicorn emits: access records carry their fields as args, errors may carry exc_info.
+    access = logging.getLogger("uvicorn.access")
+    access.info('%s - "%s %s HTTP/%s" %d', "10.0.0.1:5000", "GET", "/health", "1.1", 200)
+    access.info('%s - "%s %s HTTP/%s" %d', "10.0.0.1:5000", "POST", "/api/callback?x=1", "1.1", 200)
+    try:
+        raise OSError("[Errno 98] Address already in use")
+    except OSError:
+        logging.getLogger("uvicorn.error").exception("Exception in ASGI application\n")
+    handle.close()
+    entries = [json.loads(line) for line in _lines(settings.log_file)]
+    loggers = {e["logger"] for e in entries}
+    assert {"uvicorn.access", "uvicorn.error"} <= loggers
+    access_lines = [e["message"] for e in entries if e["logger"] == "uvicorn.access"]
+    # the service writes its own line per callback, so uvicorn's access line for it is dropped
+    assert access_lines == ['10.0.0.1:5000 - "GET /health HTTP/1.1" 200']
+    error = next(e for e in entries if e["logger"] == "uvicorn.error")
+    assert "Address already in use" in error["message"] + error.get("exception", "")
+
+
+def test_rotation_is_daily_with_the_configured_backup_count_and_keeps_writing(
+    logging_handle: Callable[..., tuple[Settings, LoggingHandle]],
+) -> None:
+    settings, handle = logging_handle(log_backup_count=2)
+    file_handler = next(h for h in handle.handlers if isinstance(h, logging.handlers.TimedRotatingFileHandler))
+    assert isinstance(file_handler, SharedTimedRotatingFileHandler)
+    assert (file_handler.when, file_handler.interval, file_handler.backupCount) == ("MIDNIGHT", 86400, 2)
+    assert Path(file_handler.baseFilename) == settings.log_file.resolve()
+    # older rotated days, beyond the backup count
+    for day in ("2020-01-01", "2020-01-02", "2020-01-03"):
+        (settings.log_directory / f"{settings.log_filename}.{day}").write_text("viejo\n")
+    log = logging.getLogger("sam.callback")
+    log.info("antes de medianoche")
+    wait_for(lambda: "antes de medianoche" in settings.log_file.read_text(), what="línea escrita")
+    file_handler.acquire()  # the listener thread may be writing
+    try:
+        file_handler.doRollover()
+    finally:
+        file_handler.release()
+    log.info("después de medianoche")
+    handle.close()
+    assert "después de medianoche" in settings.log_file.read_text()
+    rotated = sorted(p.name for p in settings.log_directory.glob(f"{settings.log_filename}.*"))
+    assert len(rotated) == 2
+    assert "antes de medianoche" in (settings.log_directory / rotated[-1]).read_text()
+
+
+def test_rotation_shared_by_two_processes_loses_nothing(make_settings: Callable[..., Settings]) -> None:
+    """Two handlers on one file stand for two workers: the second must not clobber the first's day."""
+    settings = make_settings()
+    settings.log_directory.mkdir(parents=True)
+    first, second = (
+        SharedTimedRotatingFileHandler(settings.log_file, when="midnight", backupCount=5, encoding="utf-8")
+        for _ in range(2)
+    )
+    try:
+        for handler, text in ((first, "ayer-1"), (second, "ayer-2")):
+            handler.emit(logging.makeLogRecord({"msg": text}))
+        first.doRollover()  # worker 1 reaches midnight first
+        first.emit(logging.makeLogRecord({"msg": "hoy-1"}))
+        second.doRollover()  # worker 2 a moment later
+        second.emit(logging.makeLogRecord({"msg": "hoy-2"}))
+    finally:
+        first.close()
+        second.close()
+    rotated = list(settings.log_directory.glob(f"{settings.log_filename}.*"))
+    assert len(rotated) == 1
+    assert rotated[0].read_text().split() == ["ayer-1", "ayer-2"]
+    assert settings.log_file.read_text().split() == ["hoy-1", "hoy-2"]
+
+
+def test_real_server_routes_uvicorn_logs_to_the_file_with_request_ids(
+    server_factory: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    server = server_factory(LOG_BACKUP_COUNT="7").start()
+    answer = httpx.get(server.base_url + "/health", headers={"X-Request-ID": "req-uvicorn-1"})
+    assert answer.headers["x-request-id"] == "req-uvicorn-1"
+    callback = httpx.post(
+        server.callback_url,
+        json={"deploymentId": "d-srv", "status": "RUN_COMPLETED"},
+        headers={**auth_headers(), "X-Request-ID": "req-uvicorn-2"},
+    )
+    assert callback.status_code == 202
+    log_file = tmp_path / "logs" / "sam_callback_server.log"
+    wait_for(lambda: "[req-uvicorn-2]" in log_file.read_text(), what="línea del callback en el fichero")
+    assert server.stop() == 0
+    lines = _lines(log_file)
+    assert all(TEXT_LINE.match(line) for line in lines), lines
+    assert any(" - uvicorn.error - INFO - " in line and "Uvicorn running on" in line for line in lines)
+    assert any(" - uvicorn.access - " in line and "[req-uvicorn-1]" in line and "GET /health" in line for line in lines)
+    assert not any(" - uvicorn.access - " in line and "/api/callback" in line for line in lines)
+    assert any("sam-callback detenido" in line for line in lines)
