@@ -68,7 +68,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime.start()
+        # Opening the database may block (a slow server, creating the SQLite schema): off the loop.
+        await anyio.to_thread.run_sync(runtime.start)
         try:
             yield
         finally:
