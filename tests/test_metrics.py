@@ -102,7 +102,10 @@ def test_two_workers_sum_their_counters(server_factory: Callable[..., ServerProc
     metrics_dir = tmp_path / "prometheus"
     metrics_dir.mkdir()
     _stale_metrics(metrics_dir)
-    server = server_factory(CALLBACK_SERVER_WORKERS="2", PROMETHEUS_MULTIPROC_DIR=str(metrics_dir)).start()
+    server = server_factory(CALLBACK_SERVER_WORKERS="2", PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
+    # Two fresh interpreters import the whole stack: on a loaded machine that takes a while.
+    server.start(wait=False)
+    wait_for(server._healthy, timeout=120, what="arranque de los dos workers")
     log_file = tmp_path / "logs" / "sam_callback_server.log"
     sent = 0
 
@@ -118,15 +121,16 @@ def test_two_workers_sum_their_counters(server_factory: Callable[..., ServerProc
                 server.callback_url,
                 json={"deploymentId": f"d-w{sent}", "status": "RUN_COMPLETED"},
                 headers={"X-Authorization": TOKEN},
+                timeout=30,
             )
             assert answer.status_code == 202
             sent += 1
         return len(workers_seen()) == 2
 
     wait_for(send_some, timeout=60, what="callbacks atendidos por los dos workers")
-    wait_for(lambda: _logged(log_file) == sent, what="líneas en el log")
+    wait_for(lambda: _logged(log_file) == sent, timeout=60, what="líneas en el log")
     for _ in range(6):  # any worker may answer the scrape; each must report the sum
-        samples = scrape(httpx.get(server.base_url + "/metrics").text)
+        samples = scrape(httpx.get(server.base_url + "/metrics", timeout=30).text)
         assert value(samples, "sam_callback_callbacks_total", result="pending_match", status="RUN_COMPLETED") == sent
         assert value(samples, "sam_callback_spool_backlog", kind="pending_match") == sent
     access = [line for line in log_file.read_text().splitlines() if "uvicorn.access" in line]
