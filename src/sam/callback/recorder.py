@@ -8,14 +8,13 @@ import logging
 import queue
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import groupby
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from .repository import Callback, Outcome, Repository, describe_error
+from .repository import Callback, Outcome, Repository, describe_error, is_disconnect
 from .spool import PENDING, QUEUED, Spool, SpoolEntry, SpoolError
 
 log = logging.getLogger("sam.callback.recorder")
@@ -27,7 +26,6 @@ UNAVAILABLE = "unavailable"
 
 _MAX_BATCH = 256
 _DRAIN_BATCH = 500
-_LEASE_TTL = 20.0
 _IDLE_CHECK = 1.0
 _MAX_DB_BACKOFF = 10.0
 
@@ -77,7 +75,6 @@ class Recorder:
         self.spool = spool
         self.match_window = match_window
         self.events = events or RecorderEvents()
-        self.owner = uuid.uuid4().hex
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._db_retry_at = 0.0
@@ -103,7 +100,7 @@ class Recorder:
         self._thread.join(timeout)
         self._thread = None
         with contextlib.suppress(SpoolError):
-            self.spool.release_lease(self.owner)
+            self.spool.release_lease()
 
     def wake_database(self) -> None:
         """Someone saw the database answer: let the writer use it again at once."""
@@ -250,7 +247,7 @@ class Recorder:
             if self._db_backoff:
                 self._probe_database()
             return
-        if not self.spool.claim_lease(self.owner, now=now, ttl=_LEASE_TTL):
+        if not self.spool.claim_lease():
             return
         entries = self.spool.due_chains(now=now, limit=_DRAIN_BATCH)
         if entries:
@@ -274,15 +271,25 @@ class Recorder:
                 key=lambda e: e.deployment_id,
             )
         ]
+        failed: list[tuple[list[SpoolEntry], SQLAlchemyError]] = []
         try:
             applied, missing = self._apply_chains(chains)
         except SQLAlchemyError as exc:
-            self._database_failed(exc, where="spool")
-            error = describe_error(exc)
+            if len(chains) == 1 or is_disconnect(exc):
+                applied, missing, failed = [], [], [(chain, exc) for chain in chains]
+            else:
+                # The database answers but one run's row refuses (a lock held past
+                # lock_timeout, a serialization failure, a trigger): try each run on its own so
+                # that one bad row does not hold every other spooled callback back for ever.
+                applied, missing, failed = self._apply_each(chains)
+        if failed:
             self.spool.reschedule(
-                (chain[0].seq, now + retry_delay(chain[0].attempts), chain[0].kind, error, False) for chain in chains
+                (chain[0].seq, now + retry_delay(chain[0].attempts), chain[0].kind, describe_error(exc), False)
+                for chain, exc in failed
             )
-            return
+            if not applied and not missing:
+                self._database_failed(failed[0][1], where="spool")
+                return
         self._database_answered()
         self.spool.complete(entry.seq for entry, _ in applied)
         for entry, result in applied:
@@ -304,6 +311,25 @@ class Recorder:
             updates.append((entry.seq, now + pending_delay(age), PENDING, None, expired))
         if updates:
             self.spool.reschedule(updates)
+
+    def _apply_each(
+        self, chains: list[list[SpoolEntry]]
+    ) -> tuple[list[tuple[SpoolEntry, str]], list[SpoolEntry], list[tuple[list[SpoolEntry], SQLAlchemyError]]]:
+        applied: list[tuple[SpoolEntry, str]] = []
+        missing: list[SpoolEntry] = []
+        failed: list[tuple[list[SpoolEntry], SQLAlchemyError]] = []
+        for index, chain in enumerate(chains):
+            try:
+                chain_applied, chain_missing = self._apply_chains([chain])
+            except SQLAlchemyError as exc:
+                failed.append((chain, exc))
+                if is_disconnect(exc):
+                    failed += [(rest, exc) for rest in chains[index + 1 :]]
+                    break
+            else:
+                applied += chain_applied
+                missing += chain_missing
+        return applied, missing, failed
 
     def _apply_chains(self, chains: list[list[SpoolEntry]]) -> tuple[list[tuple[SpoolEntry, str]], list[SpoolEntry]]:
         applied: list[tuple[SpoolEntry, str]] = []

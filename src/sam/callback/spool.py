@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from .repository import Callback
+
+if sys.platform == "win32":
+    import msvcrt
+else:
+    import fcntl
 
 log = logging.getLogger("sam.callback.spool")
 
@@ -33,11 +40,6 @@ CREATE TABLE IF NOT EXISTS entries (
     unmatched INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS entries_chain ON entries (unmatched, deployment_id, seq);
-CREATE TABLE IF NOT EXISTS lease (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    owner TEXT NOT NULL,
-    until REAL NOT NULL
-);
 """
 _COLUMNS = (
     "seq, deployment_id, status, raw, request_id, received_at, kind, attempts, next_attempt_at, last_error, unmatched"
@@ -92,6 +94,12 @@ class Spool:
         self.path = path
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
+        self._lease: IO[bytes] | None = None
+
+    @property
+    def lease_path(self) -> Path:
+        """The file whose OS lock is the right to drain."""
+        return self.path.with_name(self.path.name + ".lease")
 
     def _connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -125,7 +133,8 @@ class Spool:
         return self._conn is not None
 
     def close(self) -> None:
-        """Close the file."""
+        """Close the file (and give the drain lease up)."""
+        self.release_lease()
         with self._lock:
             if self._conn is not None:
                 self._conn.close()
@@ -203,23 +212,35 @@ class Spool:
         value = rows[0][0] if rows else None
         return float(value) if isinstance(value, int | float) else None
 
-    def claim_lease(self, owner: str, *, now: float, ttl: float) -> bool:
-        """Take or renew the right to drain; only one process drains at a time."""
-        with self._write() as conn:
-            row = conn.execute("SELECT owner, until FROM lease WHERE id = 1").fetchone()
-            if row is not None and row[0] != owner and float(row[1]) > now:
+    def claim_lease(self) -> bool:
+        """Take or keep the right to drain; only one process drains at a time.
+
+        The right is an OS lock on a file next to the spool, not a row with an expiry: the
+        operating system frees it the moment its holder dies, even by `kill -9`, so that a
+        restarted process drains at once instead of waiting for a dead owner's lease to lapse.
+        """
+        with self._lock:
+            if self._lease is not None:
+                return True
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                handle = self.lease_path.open("a+b")
+            except OSError as exc:
+                raise SpoolError(f"no se puede abrir {self.lease_path}: {exc}") from exc
+            try:
+                _lock_exclusive(handle)
+            except OSError:
+                handle.close()
                 return False
-            conn.execute(
-                "INSERT INTO lease (id, owner, until) VALUES (1, ?, ?) "
-                "ON CONFLICT(id) DO UPDATE SET owner = excluded.owner, until = excluded.until",
-                (owner, now + ttl),
-            )
+            self._lease = handle
             return True
 
-    def release_lease(self, owner: str) -> None:
+    def release_lease(self) -> None:
         """Give the lease up at shutdown so another process can drain at once."""
-        with self._write() as conn:
-            conn.execute("DELETE FROM lease WHERE owner = ?", (owner,))
+        with self._lock:
+            handle, self._lease = self._lease, None
+        if handle is not None:
+            handle.close()  # closing the file releases the OS lock
 
     def due_chains(self, *, now: float, limit: int) -> list[SpoolEntry]:
         """Entries of every run whose oldest waiting callback is due, in arrival order."""
@@ -295,6 +316,15 @@ class Spool:
         where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
         with self._write() as conn:
             return conn.execute(f"DELETE FROM entries {where}", params).rowcount  # noqa: S608
+
+
+def _lock_exclusive(handle: IO[bytes]) -> None:
+    """Lock `handle` without waiting; raise OSError when another process holds it."""
+    if sys.platform == "win32":
+        handle.seek(0)
+        msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+    else:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def _entry(row: tuple[object, ...]) -> SpoolEntry:
