@@ -127,7 +127,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.error("Error interno en %s %s", request.method, request.url.path, exc_info=exc)
-        return _json("internal_error")
+        # This answer leaves through ServerErrorMiddleware, outside RequestIdMiddleware.
+        return _json("internal_error", headers={"X-Request-ID": request_id_var.get()})
 
 
 def _install_routes(app: FastAPI, runtime: Runtime) -> None:
