@@ -225,6 +225,10 @@ class Recorder:
     def _database_answered(self) -> None:
         if self._db_backoff:
             log.info("La base de datos responde de nuevo; se vacía el spool")
+            # Backoff may have pushed queued callbacks up to a minute away; the outage is over.
+            with contextlib.suppress(SpoolError):
+                self.spool.queued_due_now(now=time.time())
+            self._next_drain = 0.0
         self._db_backoff = 0.0
         self._db_retry_at = 0.0
         self.last_db_error = None

@@ -192,6 +192,14 @@ class Spool:
                 [(now, PENDING, now, row[0]) for row in rows],
             )
 
+    def queued_due_now(self, *, now: float) -> None:
+        """Make every queued callback due at once: the database has just come back."""
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE entries SET next_attempt_at = ? WHERE kind = ? AND unmatched = 0 AND next_attempt_at > ?",
+                (now, QUEUED, now),
+            )
+
     def waiting_kinds(self, deployment_ids: Iterable[str]) -> dict[str, str]:
         """For ids that already wait in the spool, the kind a newcomer inherits (queued wins)."""
         ids = list(set(deployment_ids))
