@@ -1,8 +1,10 @@
-"""uvicorn HTTP protocols that bound how long a client may take to send a request's headers."""
+"""uvicorn HTTP protocols that bound how long a client may take to send a request's headers, and their size."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import os
 from typing import Any
 
@@ -10,12 +12,21 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from . import endpoint
+from .responses import envelope, request_id_from
+
+log = logging.getLogger("sam.callback.http")
 
 # uvicorn arms no timer until the first response is sent, and a byte of data cancels the
 # keep-alive timer: a client that opens a connection and trickles its headers (or sends none)
 # would hold it for ever. Every connection must deliver a complete request head within this
 # many seconds of opening, or of the end of its previous response.
 HEADER_TIMEOUT_SECONDS = 15.0
+
+# httptools (llhttp) puts no limit on a request head: a 20 MB header is buffered whole (and
+# re-concatenated chunk by chunk) before the app sees it. Heads larger than this are refused with
+# 431 and a closed connection; h11, the fallback parser, gets the same figure through uvicorn's
+# h11_max_incomplete_event_size (and answers 400).
+MAX_HEAD_BYTES = 64 * 1024
 
 # Only the fault-injection tests set this ("header=1.5,body=1.5"), so that they can prove the
 # timeouts in seconds instead of minutes; operators have no reason to touch it.
@@ -87,12 +98,64 @@ class H11HeaderTimeoutProtocol(_HeaderDeadline, H11Protocol):
             self._arm_header_deadline()
 
 
+class _HeadTooLarge(Exception):
+    """Raised from a parser callback to stop httptools; uvicorn then calls send_400_response."""
+
+
 class HttpToolsHeaderTimeoutProtocol(_HeaderDeadline, HttpToolsProtocol):
-    """uvicorn's httptools protocol (its default when installed) with a deadline on request heads."""
+    """uvicorn's httptools protocol (its default when installed) with a deadline and a size limit on request heads."""
+
+    # Bytes received since the current head began: an upper bound on its size, exact enough to
+    # stop a head that never ends; a head that ends is then measured exactly.
+    _head_bytes = 0
+    _last_chunk = 0
+    _in_head = True
+    _head_refused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
         self._arm_header_deadline()
+
+    def data_received(self, data: bytes) -> None:
+        self._last_chunk = len(data)
+        if self._in_head:
+            self._head_bytes += self._last_chunk
+        super().data_received(data)
+        if self._in_head and self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
+            self._refuse_head()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if not self._in_head:
+            # The head starts somewhere in the chunk being parsed; count all of it.
+            self._in_head = True
+            self._head_bytes = self._last_chunk
+
+    def send_400_response(self, msg: str) -> None:
+        if self._head_refused:
+            self._refuse_head()
+        else:
+            super().send_400_response(msg)
+
+    def _refuse_head(self) -> None:
+        self._head_refused = True
+        log.warning(
+            "Petición rechazada (431): línea de petición y cabeceras de más de %d bytes cliente=%s",
+            MAX_HEAD_BYTES,
+            self.client[0] if self.client else "-",
+        )
+        status, body = envelope(
+            "headers_too_large",
+            request_id_from(None),
+            message=f"La línea de petición y las cabeceras superan el máximo de {MAX_HEAD_BYTES} bytes",
+        )
+        payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        self.transport.write(
+            b"HTTP/1.1 %d Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\nx-request-id: %s\r\nconnection: close\r\n\r\n%s"
+            % (status, len(payload), body["request_id"].encode(), payload)
+        )
+        self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_header_deadline()
@@ -100,6 +163,13 @@ class HttpToolsHeaderTimeoutProtocol(_HeaderDeadline, HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._disarm_header_deadline()
+        self._in_head = False
+        if self._head_bytes > MAX_HEAD_BYTES and (
+            len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers) > MAX_HEAD_BYTES
+        ):
+            self._head_refused = True
+            raise _HeadTooLarge
+        self._head_bytes = 0
         super().on_headers_complete()
 
     def on_response_complete(self) -> None:

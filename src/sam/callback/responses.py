@@ -38,6 +38,11 @@ ANSWERS: dict[str, tuple[int, str, str]] = {
         "ERROR",
         "El cuerpo de la petición supera el tamaño máximo permitido",
     ),
+    "headers_too_large": (
+        431,
+        "ERROR",
+        "La línea de petición y las cabeceras superan el tamaño máximo permitido",
+    ),
     "unsupported_media_type": (
         415,
         "ERROR",
