@@ -18,6 +18,7 @@ from faults_support import (
     FINAL,
     OTHER_FINAL,
     Answer,
+    TcpProxy,
     all_runs,
     callback_body,
     check_first_final_kept,
@@ -35,10 +36,15 @@ pytestmark = [
 ]
 
 
+@pytest.mark.parametrize("database", ["up", "cut"])
 def test_kill_9_under_load_loses_no_acknowledged_callback(
-    server_factory: Callable[..., ServerProcess], pg_url: str
+    server_factory: Callable[..., ServerProcess], pg_url: str, database: str
 ) -> None:
-    """1300 callbacks from 16 clients, SIGKILL midway, restart: every 2xx is applied, once."""
+    """1300 callbacks from 16 clients, SIGKILL midway, restart: every 2xx is applied, once.
+
+    With `cut`, PostgreSQL is also out of reach from before the kill until after the restart,
+    so the kill lands while callbacks are being written to the spool.
+    """
     present = [f"kill-{i:04d}" for i in range(400)]
     # Rows that only appear after the restart: their callbacks wait in the spool at the kill.
     late = [f"kill-late-{i:03d}" for i in range(50)]
@@ -54,27 +60,37 @@ def test_kill_9_under_load_loses_no_acknowledged_callback(
     random.Random(3).shuffle(chains)
     total = sum(len(chain) for chain in chains)
 
-    server = server_factory(SAM_DATABASE_URL=pg_url).start()
-    gate = threading.Event()
-    gate.set()
-    answers: list[Answer] = []
-    load = threading.Thread(
-        target=send_chains, args=(server.callback_url, chains), kwargs={"clients": 16, "gate": gate, "answers": answers}
-    )
-    load.start()
-    wait_for(lambda: len(answers) >= total // 3, timeout=60, what="un tercio de la carga respondida")
-    gate.clear()
-    assert server.process is not None
-    server.process.send_signal(signal.SIGKILL)
-    assert server.process.wait(10) == -signal.SIGKILL
-    at_kill = len(answers)
+    with TcpProxy(5432) as proxy:
+        # The proxy lives in this busy test process: only the "cut" case pays for it.
+        server = server_factory(SAM_DATABASE_URL=proxy.url_for(pg_url) if database == "cut" else pg_url).start()
+        gate = threading.Event()
+        gate.set()
+        answers: list[Answer] = []
+        load = threading.Thread(
+            target=send_chains,
+            args=(server.callback_url, chains),
+            kwargs={"clients": 16, "gate": gate, "answers": answers},
+        )
+        load.start()
+        if database == "cut":
+            wait_for(lambda: len(answers) >= total // 6, timeout=60, what="un sexto de la carga respondida")
+            proxy.cut()
+        wait_for(lambda: len(answers) >= total // 3, timeout=60, what="un tercio de la carga respondida")
+        gate.clear()
+        assert server.process is not None
+        server.process.send_signal(signal.SIGKILL)
+        assert server.process.wait(10) == -signal.SIGKILL
+        at_kill = len(answers)
 
-    server.start()  # same port, database and spool
-    gate.set()
-    load.join(120)
-    assert not load.is_alive()
-    insert_runs(pg_url, late)
-    wait_for(lambda: spool_backlog(server.base_url) == 0, timeout=60, what="spool vacío tras el reinicio")
+        server.start()  # same port, database and spool
+        gate.set()
+        if database == "cut":
+            wait_for(lambda: len(answers) >= 2 * total // 3, timeout=60, what="dos tercios de la carga respondida")
+            proxy.restore()
+        load.join(120)
+        assert not load.is_alive()
+        insert_runs(pg_url, late)
+        wait_for(lambda: spool_backlog(server.base_url) == 0, timeout=60, what="spool vacío tras el reinicio")
 
     assert at_kill < total, "el kill debía llegar con carga en curso"
     assert len(answers) == total
