@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import sqlite3
@@ -261,10 +262,59 @@ class Repository:
 
     def apply_many(self, callbacks: Sequence[Callback]) -> list[Outcome]:
         """Record callbacks in one transaction, in order; raise SQLAlchemyError on failure."""
-        outcomes: list[Outcome] = []
         with self.engine.begin() as conn:
+            # On the driver's cursor: SQLAlchemy's per-statement bookkeeping costs more than an
+            # UPDATE by key. Errors still go through SQLAlchemy, which wraps them and
+            # invalidates the pooled connection when the database has gone away.
+            dbapi_connection = conn.connection.dbapi_connection
+            cursor = dbapi_connection.cursor()  # type: ignore[union-attr]
+            try:
+                if self.engine.dialect.driver == "psycopg":
+                    return self._apply_pipelined(dbapi_connection, callbacks)
+                return [self._apply_on_cursor(cursor, callback) for callback in callbacks]
+            except Exception as exc:
+                conn._handle_dbapi_exception(exc, self._update_open.sql, None, cursor, None)
+                raise
+            finally:
+                with contextlib.suppress(Exception):
+                    cursor.close()
+
+    def _params(self, callback: Callback) -> tuple[_Prepared, Any]:
+        prepared = self._update_final if callback.status in self.final_states else self._update_open
+        return prepared, prepared.params(
+            deployment_id=callback.deployment_id, new_status=callback.status, raw=callback.raw
+        )
+
+    def _apply_on_cursor(self, cursor: Any, callback: Callback) -> Outcome:
+        prepared, params = self._params(callback)
+        cursor.execute(prepared.sql, params)
+        if cursor.rowcount == 1:
+            return Outcome.UPDATED
+        cursor.execute(self._lookup.sql, self._lookup.params(deployment_id=callback.deployment_id))
+        return Outcome.ALREADY_PROCESSED if cursor.fetchone() is not None else Outcome.NOT_FOUND
+
+    def _apply_pipelined(self, connection: Any, callbacks: Sequence[Callback]) -> list[Outcome]:
+        # psycopg's pipeline mode sends the whole batch in one round trip instead of one per
+        # callback; the statements still run one after another, in order, in one transaction.
+        with connection.pipeline():
+            updates = []
             for callback in callbacks:
-                outcomes.append(self.apply_one(conn, callback))
+                cursor = connection.cursor()
+                prepared, params = self._params(callback)
+                cursor.execute(prepared.sql, params)
+                updates.append(cursor)
+        outcomes = [Outcome.UPDATED if cursor.rowcount == 1 else Outcome.NOT_FOUND for cursor in updates]
+        missed = [i for i, outcome in enumerate(outcomes) if outcome is Outcome.NOT_FOUND]
+        if missed:
+            with connection.pipeline():
+                lookups = []
+                for i in missed:
+                    cursor = connection.cursor()
+                    cursor.execute(self._lookup.sql, self._lookup.params(deployment_id=callbacks[i].deployment_id))
+                    lookups.append(cursor)
+            for i, cursor in zip(missed, lookups, strict=True):
+                if cursor.fetchone() is not None:
+                    outcomes[i] = Outcome.ALREADY_PROCESSED
         return outcomes
 
     def apply_one(self, conn: Connection, callback: Callback) -> Outcome:
