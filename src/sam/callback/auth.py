@@ -33,6 +33,9 @@ class AuthResult:
     reasons: tuple[str, ...] = ()
 
 
+_ACCEPTED = AuthResult(ok=True)
+
+
 class JwtVerifier:
     """Verifies gateway JWTs with keys and algorithms pinned by configuration."""
 
@@ -161,7 +164,12 @@ class Authenticator:
     def check(self, static_token: str | None, authorization: str | None, client_id: str | None) -> AuthResult:
         """Verdict for one request's headers."""
         if self.mode == "none":
-            return AuthResult(ok=True)
+            return _ACCEPTED
+        if authorization is None and static_token is not None and (self.mode == "optional" or self.jwt is None):
+            # The common case, a static token alone: the general rules below reach the same verdict.
+            reason = self._check_token(static_token)
+            if reason is None:
+                return _ACCEPTED
         results: dict[str, str | None] = {}
         if static_token is not None:
             results["token"] = self._check_token(static_token)

@@ -33,11 +33,12 @@ class CallbackEndpoint:
         self.app = app
         self.runtime = runtime
         self.path = runtime.settings.endpoint_path
+        self._path = self.path.rstrip("/")
         self.max_body = runtime.settings.max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Dispatch by path."""
-        if scope["type"] != "http" or scope["path"].rstrip("/") != self.path.rstrip("/"):
+        if scope["type"] != "http" or scope["path"].rstrip("/") != self._path:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])

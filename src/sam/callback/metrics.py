@@ -102,12 +102,18 @@ class Metrics:
             MultiProcessCollector(self.registry)  # type: ignore[no-untyped-call]
         self.registry.register(_SpoolCollector(spool_stats))
         self.started_at = time.time()
+        self._callback_children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
 
     def observe_callback(self, *, code: str, status: str | None, seconds: float) -> None:
         """Count one answered callback."""
         label = status if status in KNOWN_STATUSES else ("OTHER" if status else "-")
-        self.callbacks.labels(code, label).inc()
-        self.latency.labels(code).observe(seconds)
+        key = (code, label)
+        children = self._callback_children.get(key)
+        if children is None:
+            # labels() validates and locks on every call; the few (code, status) pairs are kept.
+            children = self._callback_children[key] = (self.callbacks.labels(code, label), self.latency.labels(code))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def render(self) -> bytes:
         """The exposition text."""
