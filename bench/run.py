@@ -56,6 +56,12 @@ class Measurement:
     socket_errors: int
     peak_mb: float = 0.0
     cpu_seconds: float = 0.0
+
+    @property
+    def cpu_us_per_request(self) -> float:
+        """Server CPU time (user plus system) per answered request, in microseconds."""
+        return self.cpu_seconds / self.requests * 1e6 if self.requests else 0.0
+
     rows_updated: int | None = None
     spooled: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -289,9 +295,10 @@ def measure_ceiling(work: Path, options: LoadOptions) -> Measurement:
         process = subprocess.Popen(pinned(SERVER_CPU, command, pin=options.pin), stdout=sink, stderr=subprocess.STDOUT)
     try:
         wait_ready(f"http://127.0.0.1:{port}/", process, log)
+        cpu_before = cpu_seconds(process.pid)
         measurement = _measurement("techo (ASGI puro)", drive(port, options))
         measurement.peak_mb = peak_rss_mb(process.pid)
-        measurement.cpu_seconds = cpu_seconds(process.pid)
+        measurement.cpu_seconds = cpu_seconds(process.pid) - cpu_before
     finally:
         stop(process)
     return measurement
@@ -329,9 +336,10 @@ def measure_service(work: Path, db: str, options: LoadOptions) -> Measurement:
             )
         try:
             wait_ready(f"http://127.0.0.1:{port}/health", process, log)
+            cpu_before = cpu_seconds(process.pid)
             measurement = _measurement(f"sam-callback ({db})", drive(port, options))
             measurement.peak_mb = peak_rss_mb(process.pid)
-            measurement.cpu_seconds = cpu_seconds(process.pid)
+            measurement.cpu_seconds = cpu_seconds(process.pid) - cpu_before
         finally:
             exit_code = stop(process)
         measurement.rows_updated = count_updated(url)
@@ -353,7 +361,7 @@ def report(ceiling: Measurement, services: list[Measurement], options: LoadOptio
         f"filas={options.rows} fijado={'sí (servidor CPU 0, carga CPU 1)' if options.pin else 'no'}",
         "",
         f"{'servidor':<26}{'rps':>9}{'p50 ms':>9}{'p99 ms':>9}{'pico MB':>9}{'2xx':>9}{'no 2xx':>8}"
-        f"{'filas act.':>11}{'spool':>7}{'rps/techo':>11}{'p99/techo':>11}",
+        f"{'filas act.':>11}{'spool':>7}{'CPU µs/pet':>11}{'rps/techo':>11}{'p99/techo':>11}",
     ]
     for m in [ceiling, *services]:
         is_ceiling = m is ceiling
@@ -362,6 +370,7 @@ def report(ceiling: Measurement, services: list[Measurement], options: LoadOptio
         lines.append(
             f"{m.name:<26}{m.rps:>9.0f}{m.p50_ms:>9.1f}{m.p99_ms:>9.1f}{m.peak_mb:>9.1f}{m.ok:>9}{m.failed:>8}"
             f"{'' if m.rows_updated is None else m.rows_updated:>11}{'' if m.spooled is None else m.spooled:>7}"
+            f"{m.cpu_us_per_request:>11.0f}"
             f"{rps_ratio:>11}{p99_ratio:>11}"
         )
     lines.append("")
@@ -408,7 +417,11 @@ def main(argv: list[str] | None = None) -> int:
     lines = report(ceiling, services, options)
     print("\n".join(lines))
     if args.json is not None:
-        results = {"options": asdict(options), "ceiling": asdict(ceiling), "services": [asdict(s) for s in services]}
+        results = {
+            "options": asdict(options),
+            "ceiling": asdict(ceiling) | {"cpu_us_per_request": ceiling.cpu_us_per_request},
+            "services": [asdict(s) | {"cpu_us_per_request": s.cpu_us_per_request} for s in services],
+        }
         args.json.write_text(json.dumps(results, indent=2, ensure_ascii=False))
     return 0
 
