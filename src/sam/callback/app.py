@@ -82,6 +82,9 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # CALLBACK_SERVER_THREADS bounds the threads that do blocking work (readiness pings,
+        # metrics, start and stop); callbacks themselves go through the one writer thread.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.server_threads
         # Opening the database may block (a slow server, creating the SQLite schema): off the loop.
         await anyio.to_thread.run_sync(runtime.start)
         try:
