@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import groupby
 
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from .repository import Callback, Outcome, Repository, describe_error, is_disconnect
 from .spool import PENDING, QUEUED, Spool, SpoolEntry, SpoolError
@@ -279,7 +279,7 @@ class Recorder:
         try:
             applied, missing = self._apply_chains(chains)
         except SQLAlchemyError as exc:
-            if len(chains) == 1 or is_disconnect(exc):
+            if len(chains) == 1 or not _row_level(exc):
                 applied, missing, failed = [], [], [(chain, exc) for chain in chains]
             else:
                 # The database answers but one run's row refuses (a lock held past
@@ -292,7 +292,17 @@ class Recorder:
                 for chain, exc in failed
             )
             if not applied and not missing:
-                self._database_failed(failed[0][1], where="spool")
+                first_error = failed[0][1]
+                if not _row_level(first_error):
+                    self._database_failed(first_error, where="spool")
+                    return
+                # The database answered: keeping the circuit shut lets each failing run back
+                # off on its own schedule instead of being made due again whenever it closes.
+                self.events.on_db_error("spool")
+                log.warning(
+                    "Error transitorio al aplicar %d callbacks del spool (%s); se reintentarán",
+                    len(failed), describe_error(first_error),
+                )  # fmt: skip
                 return
         self._database_answered()
         self.spool.complete(entry.seq for entry, _ in applied)
@@ -327,7 +337,7 @@ class Recorder:
                 chain_applied, chain_missing = self._apply_chains([chain])
             except SQLAlchemyError as exc:
                 failed.append((chain, exc))
-                if is_disconnect(exc):
+                if not _row_level(exc):
                     failed += [(rest, exc) for rest in chains[index + 1 :]]
                     break
             else:
@@ -347,6 +357,11 @@ class Recorder:
                         break
                     applied.append((entry, outcome.value))
         return applied, missing
+
+
+def _row_level(exc: SQLAlchemyError) -> bool:
+    """True when the database answered but refused this statement (lock, serialization, trigger)."""
+    return isinstance(exc, DBAPIError) and not is_disconnect(exc)
 
 
 def _set_results(batch: list[_Item]) -> None:
