@@ -131,7 +131,13 @@ def _load_keys(value: str, algorithms: list[str]) -> list[tuple[str | None, Any]
             jwks = PyJWKSet.from_dict(json.loads(text))
         except (ValueError, jwt.PyJWTError):
             raise ConfigError(["JWT_PUBLIC_KEY: el JWKS no es válido"]) from None
-        keys = [(jwk.key_id, jwk.key) for jwk in jwks.keys if not _is_private(jwk)]
+        if not all(_is_public(jwk) for jwk in jwks.keys):
+            # A private key here is a leaked secret, an "oct" key an HMAC secret: neither belongs
+            # in the verifier's configuration (the PEM path refuses a private key the same way).
+            raise ConfigError(
+                ["JWT_PUBLIC_KEY: el JWKS contiene claves privadas o simétricas; configure solo claves públicas"]
+            )
+        keys = [(jwk.key_id, jwk.key) for jwk in jwks.keys]
         if not keys:
             raise ConfigError(["JWT_PUBLIC_KEY: el JWKS no contiene claves públicas utilizables"])
         return keys
@@ -149,8 +155,8 @@ def _load_keys(value: str, algorithms: list[str]) -> list[tuple[str | None, Any]
     raise ConfigError(["JWT_PUBLIC_KEY: la clave pública no es un PEM válido para los algoritmos de JWT_ALGORITHMS"])
 
 
-def _is_private(jwk: PyJWK) -> bool:
-    return hasattr(jwk.key, "private_bytes")
+def _is_public(jwk: PyJWK) -> bool:
+    return hasattr(jwk.key, "public_bytes") and not hasattr(jwk.key, "private_bytes")
 
 
 class Authenticator:

@@ -14,6 +14,7 @@ from typing import Any
 import uvicorn
 
 from .app import create_app
+from .auth import Authenticator
 from .protocols import HttpToolsHeaderTimeoutProtocol, apply_test_timeouts
 from .runtime import close_logging, ensure_logging
 from .settings import Settings
@@ -73,6 +74,9 @@ def serve(settings: Settings) -> int:
 
 
 def _serve_workers(settings: Settings) -> int:
+    # Parse the JWT keys here, once: a key that does not parse must stop the start with exit code
+    # 2, not crash every worker with a traceback while the parent waits for them for ever.
+    Authenticator(settings)
     # Each worker is a fresh interpreter that re-reads the same environment and .env; the
     # metrics of all of them are summed through files in PROMETHEUS_MULTIPROC_DIR.
     own_dir = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import ssl
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote_plus
@@ -237,9 +238,29 @@ class Settings(BaseSettings):
         ):
             if path is not None and not path.is_file():
                 problems.append(f"{name}: no existe el fichero {path}")
+        if self.ssl_certfile and self.ssl_keyfile and self.ssl_certfile.is_file() and self.ssl_keyfile.is_file():
+            problem = _tls_problem(self.ssl_certfile, self.ssl_keyfile)
+            if problem:
+                problems.append(problem)
         if self.sql_host and not self.database_url and not self.sql_db_name:
             problems.append("SQL_SAM_DB_NAME: obligatorio cuando se configura SQL_SAM_HOST")
         return problems
+
+
+def _tls_problem(certfile: Path, keyfile: Path) -> str | None:
+    """Why the certificate and key cannot serve HTTPS, or None when they can."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        # uvicorn would otherwise fail with a traceback, or, for an encrypted key, stop and ask for
+        # its passphrase on a console that a Windows service does not have: answer "" instead.
+        context.load_cert_chain(certfile, keyfile, password=lambda: "")
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or type(exc).__name__
+        return (
+            "CALLBACK_SSL_CERTFILE/CALLBACK_SSL_KEYFILE: no se pueden usar el certificado y la clave "
+            f"({reason}); deben ser PEM, la clave sin contraseña y correspondiente al certificado"
+        )
+    return None
 
 
 def mssql_url(settings: Settings) -> str:
