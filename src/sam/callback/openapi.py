@@ -14,8 +14,64 @@ from .settings import Settings
 _CALLBACK_CODES = (
     "updated", "already_processed", "pending_match", "queued", "invalid_payload", "unauthorized",
     "forbidden", "method_not_allowed", "request_timeout", "payload_too_large",
-    "unsupported_media_type", "too_many_requests", "internal_error", "unavailable",
+    "unsupported_media_type", "too_many_requests", "headers_too_large", "internal_error", "unavailable",
 )  # fmt: skip
+
+# What payload.py accepts, said in JSON Schema so that a client (or schemathesis) can tell a valid
+# body from an invalid one: the pydantic model alone would claim that any string is a valid id.
+_MAX_INT = 10**40 - 1  # payload.py refuses integers of more than 40 digits
+# Patterns use only what every regex engine understands (validators compile them as Rust regexes):
+# lone UTF-16 surrogates, also refused, cannot be written in them and are only described.
+_NO_NUL = r"^[^\u0000]*$"
+# Python's str.strip() whitespace, spelled out: engines disagree on what \s means.
+_SPACE = r"[\u0009-\u000d\u001c-\u0020\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+_TEXT = r"[^\u0000-\u001f\u007f]"
+_SOLID = r"[^\u0000-\u0020\u007f\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+
+
+def _trimmed(max_length: int) -> str:
+    """Pattern of a string of 1..max_length characters after trimming, without control characters."""
+    return rf"^{_SPACE}*(?:{_SOLID}|{_SOLID}{_TEXT}{{0,{max_length - 2}}}{_SOLID}){_SPACE}*$"
+
+
+_JSON_VALUE: dict[str, Any] = {
+    "description": (
+        "Cualquier valor JSON sin caracteres nulos ni sustitutos UTF-16 sueltos, con enteros de 40 cifras como máximo"
+    ),
+    "anyOf": [
+        {"type": "string", "pattern": _NO_NUL},
+        {"type": "number"},
+        {"type": "boolean"},
+        {"type": "null"},
+        {"type": "array", "items": {"$ref": "#/components/schemas/JsonValue"}},
+        {
+            "type": "object",
+            "propertyNames": {"pattern": _NO_NUL},
+            "additionalProperties": {"$ref": "#/components/schemas/JsonValue"},
+        },
+    ],
+}
+
+
+def _payload_schema() -> dict[str, Any]:
+    schema = CallbackPayload.model_json_schema(ref_template="#/components/schemas/{model}")
+    value_ref = {"$ref": "#/components/schemas/JsonValue"}
+    properties = schema["properties"]
+    properties["deploymentId"] |= {"pattern": _trimmed(100)}
+    properties["status"] |= {"pattern": _trimmed(20)}
+    for name in ("deviceId", "userId"):
+        properties[name]["anyOf"] = [
+            {"type": "string", "pattern": _NO_NUL},
+            {"type": "integer", "minimum": -_MAX_INT, "maximum": _MAX_INT},
+            {"type": "null"},
+        ]
+    properties["botOutput"]["anyOf"] = [
+        {"type": "object", "propertyNames": {"pattern": _NO_NUL}, "additionalProperties": value_ref},
+        {"type": "null"},
+    ]
+    schema["propertyNames"] = {"pattern": _NO_NUL}
+    schema["additionalProperties"] = value_ref
+    return schema
 
 
 def install_openapi(app: FastAPI, settings: Settings) -> None:
@@ -26,7 +82,8 @@ def install_openapi(app: FastAPI, settings: Settings) -> None:
             return app.openapi_schema
         schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        components["CallbackPayload"] = CallbackPayload.model_json_schema(ref_template="#/components/schemas/{model}")
+        components["CallbackPayload"] = _payload_schema()
+        components["JsonValue"] = _JSON_VALUE
         components["Envelope"] = Envelope.model_json_schema(ref_template="#/components/schemas/{model}")
         schema["components"]["securitySchemes"] = {
             "token": {"type": "apiKey", "in": "header", "name": "X-Authorization"},
@@ -72,7 +129,22 @@ def install_openapi(app: FastAPI, settings: Settings) -> None:
                 "responses": responses,
             }
         }
+        _document_operation_answers(schema["paths"])
         app.openapi_schema = schema
         return schema
 
     app.openapi = build  # type: ignore[method-assign]
+
+
+def _document_operation_answers(paths: dict[str, Any]) -> None:
+    """Answers FastAPI cannot infer from the handlers: /metrics is text, /ready may be 503."""
+    metrics = paths.get("/metrics", {}).get("get")
+    if metrics is not None:
+        metrics["responses"]["200"]["content"] = {"text/plain": {"schema": {"type": "string"}}}
+    ready = paths.get("/ready", {}).get("get")
+    if ready is not None:
+        ready["responses"]["503"] = {
+            "description": "La base de datos no responde; los callbacks se guardan en el spool",
+            "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        }

@@ -7,7 +7,7 @@ import math
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from .repository import Callback
 
@@ -15,7 +15,19 @@ from .repository import Callback
 # against one; they are refused before they reach a driver.
 _FORBIDDEN = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+# \u0000 preceded by an even number of backslashes: "\\u0000" (an escaped backslash) is plain text.
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 _MAX_INT_DIGITS = 40
+
+
+def _integral(value: float) -> float:
+    # JSON Schema, and so the OpenAPI document, counts 825.0 as an integer; 825.5 is not one.
+    if not value.is_integer():
+        raise ValueError("debe ser un número entero o una cadena")
+    return value
+
+
+NumericId = StrictStr | StrictInt | Annotated[StrictFloat, AfterValidator(_integral)]
 
 
 class CallbackPayload(BaseModel):
@@ -25,8 +37,8 @@ class CallbackPayload(BaseModel):
 
     deploymentId: Annotated[StrictStr, Field(description="Id del despliegue de A360 (1..100 caracteres)")]  # noqa: N815
     status: Annotated[StrictStr, Field(description="Estado final de la ejecución (1..20 caracteres)")]
-    deviceId: StrictStr | StrictInt | None = None  # noqa: N815
-    userId: StrictStr | StrictInt | None = None  # noqa: N815
+    deviceId: NumericId | None = None  # noqa: N815
+    userId: NumericId | None = None  # noqa: N815
     botOutput: dict[str, Any] | None = None  # noqa: N815
 
 
@@ -134,7 +146,7 @@ def parse_callback(body: bytes) -> Callback:
         details.append({"field": "status", "problem": "debe tener entre 1 y 20 caracteres"})
     elif _FORBIDDEN.search(status):
         details.append({"field": "status", "problem": "contiene caracteres de control no permitidos"})
-    if "\\u0000" in raw or (_SURROGATE_ESCAPE.search(raw) and not _encodable(value)):
+    if ("\\u0000" in raw and _NUL_ESCAPE.search(raw)) or (_SURROGATE_ESCAPE.search(raw) and not _encodable(value)):
         details.append({"field": "body", "problem": "contiene caracteres nulos o sustitutos UTF-16 sueltos"})
     if details:
         raise PayloadError(details)
