@@ -156,13 +156,24 @@ def test_hostile_bodies_over_the_wire(server: ServerProcess) -> None:
         for body in bodies:
             answer = client.post(server.callback_url, content=body, headers=auth_headers())
             assert answer.status_code == 400, (body[:60], answer.text)
-    # A malformed request line or header is the HTTP parser's business: 400, and the server lives on.
-    for garbage in (
+    # A malformed request line or header, or ambiguous framing (request smuggling), is the HTTP
+    # parser's business: 400, and the server lives on.
+    start = b"POST /api/callback HTTP/1.1\r\nHost: x\r\nX-Authorization: " + TOKEN.encode() + b"\r\n"
+    framed = b"Content-Length: %d\r\n\r\n%s" % (len(VALID), VALID)
+    garbage = [
         b"\x00\x01\x02\r\n\r\n",
         b"POST /api/callback HTTP/1.1\r\nX: \x00\r\n\r\n",
         b"GET / HTTP/9.9\r\n\r\n",
-    ):
-        answer = exchange(server, garbage)
-        assert not answer or status_of(answer) == 400, answer[:200]
+        start + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        start + b"Content-Length: 5\r\n" + framed,
+        start + b"Transfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
+        start + b"Content-Length: -1\r\n\r\n",
+        start + b"Content-Length: 99999999999999999999999\r\n\r\n",
+        start.replace(b"X-Authorization:", b"X-Authorization :") + framed,
+        start.replace(b"\r\n", b"\n") + framed.replace(b"\r\n", b"\n"),
+    ]
+    for request in garbage:
+        answer = exchange(server, request)
+        assert not answer or status_of(answer) == 400, (request[:80], answer[:200])
     assert_serving(server)
     assert "Traceback" not in server.console()
