@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -170,3 +173,45 @@ def test_transient_sql_error_is_retried_from_the_spool_without_holding_back_othe
         what="aplicado al cesar el fallo",
     )
     wait_for(lambda: spool_backlog(server.base_url) == 0, timeout=30, what="spool vacío")
+
+
+def test_database_that_never_answers_still_gets_callbacks_answered(
+    server_factory: Callable[..., ServerProcess], pg_url: str
+) -> None:
+    """PostgreSQL accepts the connection but its backends freeze: 202 queued, applied once back."""
+    insert_runs(pg_url, ["warm-1", "hung-1", "hung-2"])
+    # submit=2: the request keeps the callback in the spool itself after 2 s instead of 20 s.
+    server = server_factory(SAM_DATABASE_URL=pg_url, SAM_CALLBACK_TEST_TIMEOUTS="submit=2").start()
+    assert _post(server, callback_body("warm-1", FINAL)).json()["code"] == "updated"
+    database = pg_url.rsplit("/", 1)[1]
+    engine = sa.create_engine(pg_url.rsplit("/", 1)[0] + "/postgres")
+    try:
+        with engine.connect() as conn:
+            backends = (
+                conn.execute(sa.text("SELECT pid FROM pg_stat_activity WHERE datname = :d"), {"d": database})
+                .scalars()
+                .all()
+            )
+    finally:
+        engine.dispose()
+    assert backends
+    bodies = {d: callback_body(d, FINAL) for d in ("hung-1", "hung-2")}
+    try:
+        for pid in backends:
+            try:
+                os.kill(pid, signal.SIGSTOP)  # a frozen server: the socket stays open, nothing answers
+            except PermissionError:
+                pytest.skip("sin permiso para detener los procesos de PostgreSQL")
+        for body in bodies.values():
+            response = _post(server, body)
+            assert (response.status_code, response.json()["code"]) == (202, "queued")
+    finally:
+        for pid in backends:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGCONT)
+    wait_for(lambda: spool_backlog(server.base_url) == 0, timeout=60, what="spool vacío al volver la base")
+    for deployment_id, body in bodies.items():
+        row = fetch_run(pg_url, deployment_id)
+        assert row is not None
+        assert (row["Estado"], row["CallbackInfo"]) == (FINAL, body)
+    assert server.stop() == 0

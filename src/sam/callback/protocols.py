@@ -11,7 +11,7 @@ from typing import Any
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from . import endpoint
+from . import endpoint, recorder
 from .responses import envelope, request_id_from
 
 log = logging.getLogger("sam.callback.http")
@@ -28,7 +28,7 @@ HEADER_TIMEOUT_SECONDS = 15.0
 # h11_max_incomplete_event_size (and answers 400).
 MAX_HEAD_BYTES = 64 * 1024
 
-# Only the fault-injection tests set this ("header=1.5,body=1.5"), so that they can prove the
+# Only the fault-injection tests set this ("header=1.5,body=1.5,submit=2"), so that they can prove the
 # timeouts in seconds instead of minutes; operators have no reason to touch it.
 TEST_TIMEOUTS_ENV = "SAM_CALLBACK_TEST_TIMEOUTS"
 
@@ -45,6 +45,8 @@ def apply_test_timeouts(environ: dict[str, str] | None = None) -> None:
             HEADER_TIMEOUT_SECONDS = float(seconds)
         elif name.strip() == "body":
             endpoint.BODY_TIMEOUT_SECONDS = float(seconds)
+        elif name.strip() == "submit":
+            recorder.SUBMIT_TIMEOUT_SECONDS = float(seconds)
 
 
 class _HeaderDeadline:

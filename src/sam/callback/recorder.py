@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import groupby
 
+import anyio.to_thread
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from .repository import Callback, Outcome, Repository, describe_error, is_disconnect
@@ -28,6 +29,12 @@ _MAX_BATCH = 256
 _DRAIN_BATCH = 500
 _IDLE_CHECK = 1.0
 _MAX_DB_BACKOFF = 10.0
+
+# How long a request waits for the writer before keeping the callback in the spool itself.
+# Above the database's own limits (lock_timeout 5 s, statement_timeout 15 s): it only fires when
+# the database accepts connections but never answers (a frozen server, a network black hole),
+# where the writer thread stays blocked and, without it, no callback would get an answer.
+SUBMIT_TIMEOUT_SECONDS = 20.0
 
 
 def pending_delay(age: float) -> float:
@@ -50,6 +57,7 @@ class _Item:
     request_id: str
     future: asyncio.Future[str]
     result: str = field(default=UNAVAILABLE)
+    taken_over: bool = False
 
 
 @dataclass(slots=True)
@@ -110,8 +118,28 @@ class Recorder:
     async def submit(self, callback: Callback, request_id: str) -> str:
         """Record one callback durably; return the envelope code once it is committed."""
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._queue.put(_Item(callback, request_id, future))
-        return await future
+        item = _Item(callback, request_id, future)
+        self._queue.put(item)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), SUBMIT_TIMEOUT_SECONDS)
+        except TimeoutError:
+            pass
+        # The writer is stuck in the database. Keep the callback in the spool from here; if the
+        # writer still commits it later, the spooled copy is a no-op (the UPDATE is guarded).
+        item.taken_over = True
+        return await anyio.to_thread.run_sync(self._spool_stuck, item)
+
+    def _spool_stuck(self, item: _Item) -> str:
+        try:
+            self.spool.add([(item.callback, item.request_id, QUEUED)], now=time.time(), first_delay=0.0)
+        except SpoolError as exc:
+            log.error("No se pudo guardar en el spool un callback con la base de datos bloqueada: %s", exc)
+            return UNAVAILABLE
+        log.warning(
+            "La base de datos no responde en %.0f s; callback guardado en el spool deploymentId=%s request_id=%s",
+            SUBMIT_TIMEOUT_SECONDS, item.callback.deployment_id, item.request_id,
+        )  # fmt: skip
+        return QUEUED
 
     def _run(self) -> None:
         while True:
@@ -133,6 +161,8 @@ class Recorder:
                     stopping = True
                     break
                 batch.append(item)
+            # Callbacks that waited too long were already spooled by their request.
+            batch = [item for item in batch if not item.taken_over]
             if batch:
                 self._record_safely(batch)
             if stopping:
