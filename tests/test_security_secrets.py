@@ -178,3 +178,33 @@ def test_private_key_given_as_the_public_key_is_refused(tmp_path: Path, keys: Ke
         assert result.returncode == 2, output
         assert "clave privada" in output
         assert private_pem.splitlines()[1] not in output
+
+
+@pytest.mark.parametrize("password", ["sencilla-123456", "p@ss w0rd!{x}", "{a}};PWD=b}", "x;Password=y"])
+def test_sql_server_password_is_hidden_wherever_the_url_is_shown(password: str) -> None:
+    """The ODBC connection string carries SQL_SAM_PWD url-encoded: hide_password alone would show it."""
+    from urllib.parse import quote_plus
+
+    from sam.callback.repository import display_url
+    from sam.callback.settings import Settings, mssql_url
+
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None, token=TOKEN, sql_host="sql.example", sql_db_name="SAM", sql_uid="sam", sql_pwd=password
+    )
+    shown = display_url(mssql_url(settings))
+    assert "sql.example" in shown
+    for fragment in {password, quote_plus(password), quote_plus(password.replace("}", "}}"))} | set(
+        password.split(";")
+    ):
+        if len(fragment) > 3:
+            assert fragment not in shown, shown
+    assert "PWD%3D%2A%2A%2A" in shown
+
+
+def test_check_does_not_print_the_database_password(tmp_path: Path, pg_server: str) -> None:
+    """`sam-callback check` names the database it reached, without its password."""
+    url = pg_server.replace("postgresql+psycopg://postgres@", "postgresql+psycopg://postgres:clave-bd-secreta@")
+    result = run_cli(tmp_path, "check", CALLBACK_TOKEN=TOKEN, SAM_DATABASE_URL=url)
+    output = result.stdout + result.stderr
+    assert "127.0.0.1" in output
+    assert "clave-bd-secreta" not in output

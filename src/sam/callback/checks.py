@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .auth import Authenticator
-from .repository import Repository, describe_error, make_engine
+from .repository import Repository, describe_error, display_url, make_engine
 from .settings import ConfigError, Settings
 from .spool import Spool, SpoolError
 
@@ -38,7 +38,7 @@ def run_checks(settings: Settings) -> int:
             )
     url = settings.resolved_database_url()
     repository = Repository(make_engine(url), settings.final_state_set)
-    shown = repository.engine.url.render_as_string(hide_password=True)
+    shown = display_url(repository.engine.url)
     try:
         repository.ping()
         _line(True, f"Base de datos accesible: {shown}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import re
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import mssql, postgresql
-from sqlalchemy.engine import Dialect, make_url
+from sqlalchemy.engine import URL, Dialect, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.schema import CreateIndex, CreateTable
@@ -361,3 +362,18 @@ def describe_error(exc: BaseException) -> str:
         message = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else ""
         return f"{type(exc.orig).__name__}: {message}"[:300]
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+
+
+# PWD=secret or PWD={sec}}ret} (ODBC escapes "}" as "}}") inside an ODBC connection string.
+_ODBC_PASSWORD = re.compile(r"(?i)\b(PWD|PASSWORD)\s*=\s*(\{(?:[^}]|\}\})*\}|[^;]*)")
+
+
+def display_url(url: str | URL) -> str:
+    """The database URL as operators may see it: the password hidden, also inside odbc_connect."""
+    parsed = make_url(url)
+    # hide_password only knows the user:password@ part; SQL_SAM_PWD travels inside the
+    # url-encoded odbc_connect string, where it would be printed as is.
+    odbc = parsed.query.get("odbc_connect")
+    if isinstance(odbc, str):
+        parsed = parsed.update_query_dict({"odbc_connect": _ODBC_PASSWORD.sub(r"\1=***", odbc)})
+    return parsed.render_as_string(hide_password=True)

@@ -11,7 +11,7 @@ from .logs import LoggingHandle, secrets_of, setup_logging
 from .metrics import Metrics
 from .network import ClientAddressResolver
 from .recorder import Recorder, RecorderEvents
-from .repository import Repository, make_engine
+from .repository import Repository, display_url, make_engine
 from .settings import Settings
 from .spool import Spool, SpoolError, SpoolStats
 
@@ -104,7 +104,7 @@ class Runtime:
             log.warning("CALLBACK_AUTH_MODE=none: el endpoint acepta callbacks sin autenticación")
         log.info(
             "sam-callback listo: endpoint=%s modo_auth=%s base_de_datos=%s spool=%s",
-            settings.endpoint_path, settings.auth_mode, engine.url.render_as_string(hide_password=True), settings.spool_path,
+            settings.endpoint_path, settings.auth_mode, display_url(engine.url), settings.spool_path,
         )  # fmt: skip
 
     def stop(self) -> None:
