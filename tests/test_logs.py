@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from conftest import TOKEN, ServerProcess, auth_headers, insert_run, wait_for
 from sam.callback.app import create_app
-from sam.callback.logs import LoggingHandle, SharedTimedRotatingFileHandler, setup_logging
+from sam.callback.logs import _MAYBE_SECRET, LoggingHandle, SharedTimedRotatingFileHandler, _maybe_secret, setup_logging
 from sam.callback.settings import Settings
 
 # SAM's layout: "2024-05-01 10:00:00 - PID:123 - sam.callback.http - INFO - [rid] - message"
@@ -185,3 +185,21 @@ def test_real_server_routes_uvicorn_logs_to_the_file_with_request_ids(
     assert any(" - uvicorn.access - " in line and "[req-uvicorn-1]" in line and "GET /health" in line for line in lines)
     assert not any(" - uvicorn.access - " in line and "/api/callback" in line for line in lines)
     assert any("sam-callback detenido" in line for line in lines)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "callback cliente=10.0.0.1 deploymentId=d-1 estado=RUN_COMPLETED resultado=updated duracion_ms=1.2",
+        "postgresql://sam:secreto@db/sam",
+        "Driver=x;PwD={a;b};Server=y",
+        "AUTHORIZATION: Bearer abc",
+        "token eyJhbGciOi.eyJzdWIi.firma",
+        "EYJ en mayúsculas",
+        "contraseña PaſſWORD=x",  # long s: the regex's case folding matches it to "s"
+        "authorızation: x",  # dotless i
+        "ñandú sin secretos",
+    ],
+)
+def test_the_quick_secret_check_agrees_with_the_regex(text: str) -> None:
+    assert _maybe_secret(text) == (_MAYBE_SECRET.search(text) is not None)
