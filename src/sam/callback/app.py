@@ -70,6 +70,8 @@ class CallbackApp(FastAPI):
         # In front of FastAPI itself, not in its middleware list: that stack (error, telemetry
         # and body-limit middleware) costs more per callback than the callback's own work.
         self.callback_endpoint = CallbackEndpoint(super().__call__, runtime=runtime)
+        # Read by protocols.py: uvicorn writes no access line for this path (the endpoint logs it).
+        self.callback_path = runtime.settings.endpoint_path.rstrip("/")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Answer the callback path directly; everything else goes to FastAPI."""

@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .logs import request_id_var
+from .logs import log_fields, request_id_var
 from .payload import PayloadError, parse_callback
-from .responses import request_id_from, send_envelope
+from .responses import request_id_from, send_envelope, send_recorded
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("sam.callback.http")
 
 BODY_TIMEOUT_SECONDS = 30.0
+# Set in the scope by protocols.py once the whole body has arrived: reading it cannot wait.
+BODY_RECEIVED = "sam.body_received"
+_INFO = logging.INFO
 _JSON_TYPES = (b"application/json", b"text/plain")
 
 
@@ -61,12 +64,11 @@ class CallbackEndpoint:
         self.runtime.metrics.observe_callback(code=code, status=status, seconds=seconds)
         if code != "too_many_requests":
             duration_ms = round(seconds * 1000, 1)
-            # `fields` become top-level keys with LOG_FORMAT=json; the text layout ignores them.
             fields = {"request_id": request_id, "client": client, "deploymentId": deployment_id,
                       "status": status, "result": code, "duration_ms": duration_ms}  # fmt: skip
-            log.info(
-                "callback cliente=%s deploymentId=%s estado=%s resultado=%s duracion_ms=%.1f",
-                client, deployment_id or "-", status or "-", code, duration_ms, extra={"fields": fields},
+            log_fields(
+                log, _INFO, "callback cliente=%s deploymentId=%s estado=%s resultado=%s duracion_ms=%.1f",
+                client, deployment_id or "-", status or "-", code, duration_ms, fields=fields,
             )  # fmt: skip
 
     async def _handle(
@@ -105,7 +107,7 @@ class CallbackEndpoint:
             await send_envelope(send, "unsupported_media_type", request_id)
             return "unsupported_media_type", None, None
         try:
-            body = await self._read_body(receive, headers.get(b"content-length"))
+            body = await self._read_body(scope, receive, headers.get(b"content-length"))
         except _BodyTooLarge:
             await send_envelope(
                 send, "payload_too_large", request_id, headers=[(b"connection", b"close")],
@@ -128,15 +130,12 @@ class CallbackEndpoint:
             await send_envelope(send, "invalid_payload", request_id, details=exc.details)
             return "invalid_payload", None, None
         code = await runtime.recorder.submit(callback, request_id)
-        extra_headers = [(b"retry-after", b"30")] if code == "unavailable" else []
-        await send_envelope(
-            send,
-            code,
-            request_id,
-            headers=extra_headers,
-            deploymentId=callback.deployment_id,
-            result=code if code != "unavailable" else None,
-        )
+        if code == "unavailable":
+            await send_envelope(
+                send, code, request_id, headers=[(b"retry-after", b"30")], deploymentId=callback.deployment_id
+            )
+        else:
+            await send_recorded(send, code, request_id, callback.deployment_id)
         return code, callback.deployment_id, callback.status
 
     async def _refuse(self, send: Send, request_id: str, client: str, reasons: tuple[str, ...]) -> str:
@@ -161,7 +160,7 @@ class CallbackEndpoint:
         )
         return "unauthorized"
 
-    async def _read_body(self, receive: Receive, content_length: bytes | None) -> bytes | None:
+    async def _read_body(self, scope: Scope, receive: Receive, content_length: bytes | None) -> bytes | None:
         if content_length is not None:
             try:
                 declared = int(content_length)
@@ -169,21 +168,27 @@ class CallbackEndpoint:
                 declared = -1
             if declared > self.max_body:
                 raise _BodyTooLarge
-        chunks: list[bytes] = []
-        size = 0
+        if scope.get(BODY_RECEIVED):
+            # The common case, and no timer to arm and cancel: the body is already here.
+            return await self._receive_body(receive)
         # A client that stops sending mid-body must not hold the request open for ever.
         async with asyncio.timeout(BODY_TIMEOUT_SECONDS):
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return None
-                chunk = message.get("body", b"")
-                size += len(chunk)
-                if size > self.max_body:
-                    raise _BodyTooLarge
-                chunks.append(chunk)
-                if not message.get("more_body", False):
-                    break
+            return await self._receive_body(receive)
+
+    async def _receive_body(self, receive: Receive) -> bytes | None:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                raise _BodyTooLarge
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 

@@ -32,6 +32,9 @@ MAX_HEAD_BYTES = 64 * 1024
 # timeouts in seconds instead of minutes; operators have no reason to touch it.
 TEST_TIMEOUTS_ENV = "SAM_CALLBACK_TEST_TIMEOUTS"
 
+# The event loop's timers have millisecond resolution: one may fire a hair before its time.
+_TIMER_SLACK = 0.005
+
 
 def apply_test_timeouts(environ: dict[str, str] | None = None) -> None:
     """Shorten the header and body timeouts when the tests ask for it through the environment."""
@@ -55,13 +58,32 @@ class _HeaderDeadline:
     transport: asyncio.Transport
     loop: asyncio.AbstractEventLoop
     cycle: Any
+    app: Any
     _deadline: asyncio.TimerHandle | None = None
-    _cycle_at_arm: Any = None
+    # Loop time since which a request head is awaited; None while a request is being handled.
+    # The timer is armed once per connection and only re-armed when it fires: arming and
+    # cancelling one on every request cost more than everything else this class does.
+    _head_since: float | None = None
+    # The app's callback path: the app writes its own line for each of those requests.
+    _quiet_path: str | None = None
 
-    def _arm_header_deadline(self) -> None:
-        self._disarm_header_deadline()
-        self._cycle_at_arm = self.cycle
-        self._deadline = self.loop.call_later(HEADER_TIMEOUT_SECONDS, self._header_deadline_expired)
+    def _find_quiet_path(self) -> None:
+        self._quiet_path = getattr(self.app, "callback_path", None)
+
+    def _quiet_access_log(self) -> None:
+        # uvicorn would build an access record for every callback only for logs.py to drop it;
+        # switched off per request so that every other path keeps its access line.
+        cycle = self.cycle
+        if cycle is not None and self._quiet_path is not None and cycle.scope["path"].rstrip("/") == self._quiet_path:
+            cycle.access_log = False
+
+    def _await_head(self) -> None:
+        self._head_since = self.loop.time()
+        if self._deadline is None:
+            self._deadline = self.loop.call_later(HEADER_TIMEOUT_SECONDS, self._header_deadline_expired)
+
+    def _head_received(self) -> None:
+        self._head_since = None
 
     def _disarm_header_deadline(self) -> None:
         if self._deadline is not None:
@@ -70,8 +92,16 @@ class _HeaderDeadline:
 
     def _header_deadline_expired(self) -> None:
         self._deadline = None
-        if not self.transport.is_closing():
+        if self.transport.is_closing():
+            return
+        since, now = self._head_since, self.loop.time()
+        if since is None:
+            # A request is being handled; its response will start a new wait.
+            self._deadline = self.loop.call_later(HEADER_TIMEOUT_SECONDS, self._header_deadline_expired)
+        elif now - since >= HEADER_TIMEOUT_SECONDS - _TIMER_SLACK:
             self.transport.close()
+        else:
+            self._deadline = self.loop.call_at(since + HEADER_TIMEOUT_SECONDS, self._header_deadline_expired)
 
     def _waiting_for_head(self) -> bool:
         return not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete)
@@ -82,22 +112,25 @@ class H11HeaderTimeoutProtocol(_HeaderDeadline, H11Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
-        self._arm_header_deadline()
+        self._find_quiet_path()
+        self._await_head()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_header_deadline()
         super().connection_lost(exc)
 
     def handle_events(self) -> None:
+        cycle = self.cycle
         super().handle_events()
-        # A new cycle means h11 parsed a complete request head.
-        if self._deadline is not None and self.cycle is not None and self.cycle is not self._cycle_at_arm:
-            self._disarm_header_deadline()
+        if self.cycle is not cycle:
+            # A new cycle means h11 parsed a complete request head.
+            self._head_received()
+            self._quiet_access_log()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if self._waiting_for_head():
-            self._arm_header_deadline()
+            self._await_head()
 
 
 class _HeadTooLarge(Exception):
@@ -116,7 +149,8 @@ class HttpToolsHeaderTimeoutProtocol(_HeaderDeadline, HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
-        self._arm_header_deadline()
+        self._find_quiet_path()
+        self._await_head()
 
     def data_received(self, data: bytes) -> None:
         self._last_chunk = len(data)
@@ -164,7 +198,7 @@ class HttpToolsHeaderTimeoutProtocol(_HeaderDeadline, HttpToolsProtocol):
         super().connection_lost(exc)
 
     def on_headers_complete(self) -> None:
-        self._disarm_header_deadline()
+        self._head_received()
         self._in_head = False
         if self._head_bytes > MAX_HEAD_BYTES and (
             len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers) > MAX_HEAD_BYTES
@@ -172,9 +206,18 @@ class HttpToolsHeaderTimeoutProtocol(_HeaderDeadline, HttpToolsProtocol):
             self._head_refused = True
             raise _HeadTooLarge
         self._head_bytes = 0
+        cycle = self.cycle
         super().on_headers_complete()
+        if self.cycle is not cycle:
+            self._quiet_access_log()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        # The parser callbacks of one request all run before the next one begins: self.scope is
+        # still this request's. The endpoint then reads the body without arming a timeout.
+        self.scope[endpoint.BODY_RECEIVED] = True  # type: ignore[literal-required]
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if self._waiting_for_head():
-            self._arm_header_deadline()
+            self._await_head()
