@@ -147,6 +147,7 @@ def run_cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProce
         ({"JWT_PUBLIC_KEY": "no-es-una-clave.pem"}, "JWT_PUBLIC_KEY"),
         ({"JWT_PUBLIC_KEY": "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----"}, "JWT_PUBLIC_KEY"),
         ({"CALLBACK_TOKEN": TOKEN, "CALLBACK_ALLOWED_IPS": "10.0.0.0/33"}, "CALLBACK_ALLOWED_IPS"),
+        ({"CALLBACK_TOKEN": TOKEN, "SAM_DATABASE_URL": "esto-no-es-una-url"}, "SAM_DATABASE_URL"),
     ],
 )
 def test_bad_start_up_config_exits_2_with_readable_lines(tmp_path: Path, env: dict[str, str], needle: str) -> None:

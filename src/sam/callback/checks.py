@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .auth import Authenticator
-from .repository import Repository, describe_error, display_url, make_engine
+from .repository import Repository, describe_error, display_url, driver_problem, make_engine
 from .settings import ConfigError, Settings
 from .spool import Spool, SpoolError
 
@@ -37,6 +37,10 @@ def run_checks(settings: Settings) -> int:
                 f"CALLBACK_TOKEN n.º {index} tiene {len(token)} caracteres; se recomiendan al menos {MIN_TOKEN_LENGTH}",
             )
     url = settings.resolved_database_url()
+    unusable = driver_problem(url)
+    if unusable is not None:
+        _line(False, f"Base de datos: {unusable}")
+        return 1
     repository = Repository(make_engine(url), settings.final_state_set)
     shown = display_url(repository.engine.url)
     try:

@@ -88,13 +88,17 @@ def _check(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _init_db(settings: Settings, args: argparse.Namespace) -> int:
-    from .repository import Repository, make_engine, mssql_ddl
+    from .repository import Repository, driver_problem, make_engine, mssql_ddl
 
     url = settings.resolved_database_url()
     if args.print_sql or url.startswith("mssql"):
         print("-- Ejecute este T-SQL en la base de datos de SAM (crea dbo.Ejecuciones):")
         print(mssql_ddl())
         return EXIT_OK
+    problem = driver_problem(url)
+    if problem is not None:
+        print(f"No se pudo crear la tabla: {problem}", file=sys.stderr)
+        return EXIT_FAILED
     repository = Repository(make_engine(url), settings.final_state_set)
     try:
         existed = repository.table_exists()

@@ -210,6 +210,18 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def driver_problem(url: str) -> str | None:
+    """Why `url` cannot be used (unparseable, or its driver does not load), or None."""
+    try:
+        make_url(url).get_dialect().import_dbapi()
+    except ImportError as exc:
+        # Typically pyodbc without unixODBC or Microsoft's ODBC driver on the machine.
+        return f"no se puede cargar el driver de base de datos ({exc}); instale el driver ODBC de SQL Server y unixODBC"
+    except Exception:
+        return "no es una URL de base de datos válida de SQLAlchemy (p. ej. postgresql+psycopg://usuario@servidor/base)"
+    return None
+
+
 def make_engine(url: str, *, pool_size: int = 5) -> Engine:
     """Engine for SAM's database with timeouts that turn a stuck database into a fast error."""
     parsed = make_url(url)

@@ -16,8 +16,9 @@ import uvicorn
 from .app import create_app
 from .auth import Authenticator
 from .protocols import HttpToolsHeaderTimeoutProtocol, apply_test_timeouts
+from .repository import driver_problem
 from .runtime import close_logging, ensure_logging
-from .settings import Settings
+from .settings import ConfigError, Settings
 
 log = logging.getLogger("sam.callback")
 
@@ -60,6 +61,7 @@ def _ignore_stop_signals() -> None:
 def serve(settings: Settings) -> int:
     """Serve until stopped; return the process exit code."""
     apply_test_timeouts()
+    _check_database_driver(settings)
     handle = ensure_logging(settings)
     try:
         if settings.server_workers > 1:
@@ -71,6 +73,18 @@ def serve(settings: Settings) -> int:
         return 0 if server.started or not server.should_exit else 1
     finally:
         close_logging(handle)
+
+
+def _check_database_driver(settings: Settings) -> None:
+    # A driver that cannot load would otherwise surface as a traceback from the lifespan.
+    problem = driver_problem(settings.resolved_database_url())
+    if problem is not None:
+        source = (
+            "SAM_DATABASE_URL"
+            if settings.database_url
+            else ("SQL_SAM_DRIVER" if settings.sql_host else "base de datos")
+        )
+        raise ConfigError([f"{source}: {problem}"])
 
 
 def _serve_workers(settings: Settings) -> int:
