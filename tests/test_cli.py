@@ -9,8 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import sqlalchemy as sa
-from conftest import TOKEN, ServerProcess, fetch_run, insert_run, wait_for
 
+from conftest import TOKEN, ServerProcess, fetch_run, insert_run, wait_for
 from sam.callback.repository import make_engine
 
 _OURS = ("CALLBACK_", "SAM_", "SQL_SAM_", "JWT_", "LOG_", "API_GATEWAY_")
@@ -20,7 +20,12 @@ def cli(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(_OURS)}
     base = {"CALLBACK_TOKEN": TOKEN, "LOG_DIRECTORY": str(cwd / "logs")}
     return subprocess.run(
-        [sys.executable, "-m", "sam.callback", *args], cwd=cwd, env=clean | base | env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "sam.callback", *args],
+        cwd=cwd,
+        env=clean | base | env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -79,11 +84,15 @@ def test_check_warns_about_mode_none(tmp_path: Path) -> None:
     assert "CALLBACK_AUTH_MODE=none" in result.stdout
 
 
-def test_send_posts_a_sample_callback_to_a_running_server(server_factory: Callable[..., ServerProcess], tmp_path: Path) -> None:
+def test_send_posts_a_sample_callback_to_a_running_server(
+    server_factory: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
     server = server_factory().start()
     db = server.env["SAM_DATABASE_URL"]
     insert_run(db, "smoke-1", "RUNNING")
-    result = cli(tmp_path, "send", "--url", server.callback_url, "--deployment-id", "smoke-1", "--status", "RUN_COMPLETED")
+    result = cli(
+        tmp_path, "send", "--url", server.callback_url, "--deployment-id", "smoke-1", "--status", "RUN_COMPLETED"
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "HTTP 200" in result.stdout and '"updated"' in result.stdout
     assert fetch_run(db, "smoke-1")["Estado"] == "RUN_COMPLETED"  # type: ignore[index]
@@ -107,13 +116,19 @@ def test_spool_list_retry_purge(server_factory: Callable[..., ServerProcess], tm
     assert retried.returncode == 0 and retried.stdout.startswith("1 ")
     server.env["CALLBACK_MATCH_WINDOW_SECONDS"] = "3600"
     server.start()
-    wait_for(lambda: fetch_run(server.env["SAM_DATABASE_URL"], "huerfano-1")["Estado"] == "RUN_COMPLETED", what="aplicado tras retry")  # type: ignore[index]
+    wait_for(
+        lambda: fetch_run(server.env["SAM_DATABASE_URL"], "huerfano-1")["Estado"] == "RUN_COMPLETED",
+        what="aplicado tras retry",
+    )  # type: ignore[index]
     assert server.stop() == 0
     # Purge refuses without --yes, then removes what the operator gives up on.
     server.env["CALLBACK_MATCH_WINDOW_SECONDS"] = "0"
     server.start()
     assert cli(tmp_path, "send", "--url", server.callback_url, "--deployment-id", "huerfano-2").returncode == 0
-    wait_for(lambda: "huerfano-2" in cli(tmp_path, "spool", "list", "--unmatched", **env).stdout, what="segundo no emparejado")
+    wait_for(
+        lambda: "huerfano-2" in cli(tmp_path, "spool", "list", "--unmatched", **env).stdout,
+        what="segundo no emparejado",
+    )
     assert server.stop() == 0
     assert cli(tmp_path, "spool", "purge", **env).returncode == 1
     purged = cli(tmp_path, "spool", "purge", "--yes", **env)
