@@ -239,6 +239,13 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
         connect_args = {
             "connect_timeout": 5,
             "options": "-c lock_timeout=5000 -c statement_timeout=15000",
+            # A server that vanishes without closing the socket (a network black hole) is
+            # noticed by the kernel in seconds instead of the default two hours.
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
+            "tcp_user_timeout": 20000,
         }
         options |= {"pool_size": pool_size, "max_overflow": 2, "pool_timeout": 5}
     elif backend == "mssql":
