@@ -8,6 +8,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import groupby
@@ -24,6 +25,8 @@ UPDATED = Outcome.UPDATED.value
 ALREADY_PROCESSED = Outcome.ALREADY_PROCESSED.value
 PENDING_MATCH = Outcome.NOT_FOUND.value
 UNAVAILABLE = "unavailable"
+# What a request receives from the watchdog when the writer did not answer in time.
+_TAKEN_OVER = "taken_over"
 
 _MAX_BATCH = 256
 _DRAIN_BATCH = 500
@@ -56,6 +59,7 @@ class _Item:
     callback: Callback
     request_id: str
     future: asyncio.Future[str]
+    deadline: float
     result: str = field(default=UNAVAILABLE)
     taken_over: bool = False
 
@@ -89,6 +93,9 @@ class Recorder:
         self._db_backoff = 0.0
         self._next_drain = 0.0
         self.last_db_error: str | None = None
+        # Requests waiting for the writer, oldest first; only the event loop's thread touches it.
+        self._waiting: deque[_Item] = deque()
+        self._watchdog: asyncio.TimerHandle | None = None
 
     @property
     def database_available(self) -> bool:
@@ -117,17 +124,41 @@ class Recorder:
 
     async def submit(self, callback: Callback, request_id: str) -> str:
         """Record one callback durably; return the envelope code once it is committed."""
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        item = _Item(callback, request_id, future)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[str] = loop.create_future()
+        item = _Item(callback, request_id, future, loop.time() + SUBMIT_TIMEOUT_SECONDS)
+        # One watchdog for all requests instead of a timeout per request: arming and cancelling
+        # a timer for every callback cost more than the rest of this method.
+        self._waiting.append(item)
+        if self._watchdog is None:
+            self._watchdog = loop.call_at(item.deadline, self._take_over_late)
         self._queue.put(item)
-        try:
-            return await asyncio.wait_for(asyncio.shield(future), SUBMIT_TIMEOUT_SECONDS)
-        except TimeoutError:
-            pass
+        result = await future
+        if result != _TAKEN_OVER:
+            return result
         # The writer is stuck in the database. Keep the callback in the spool from here; if the
         # writer still commits it later, the spooled copy is a no-op (the UPDATE is guarded).
-        item.taken_over = True
         return await anyio.to_thread.run_sync(self._spool_stuck, item)
+
+    def _take_over_late(self) -> None:
+        """Hand back to their requests the callbacks the writer has not answered in time."""
+        self._watchdog = None
+        waiting = self._waiting
+        now = waiting[0].future.get_loop().time() if waiting else 0.0
+        while waiting and (waiting[0].future.done() or waiting[0].deadline <= now):
+            item = waiting.popleft()
+            if not item.future.done():
+                item.taken_over = True
+                item.future.set_result(_TAKEN_OVER)
+        if waiting:
+            self._watchdog = waiting[0].future.get_loop().call_at(waiting[0].deadline, self._take_over_late)
+
+    def _answered(self, batch: list[_Item]) -> None:
+        _set_results(batch)
+        # Answers come in about the order of submission: forget the answered ones at the front.
+        waiting = self._waiting
+        while waiting and waiting[0].future.done():
+            waiting.popleft()
 
     def _spool_stuck(self, item: _Item) -> str:
         try:
@@ -186,7 +217,7 @@ class Recorder:
         loop = batch[0].future.get_loop()
         # A closed loop means nobody is waiting for these answers any more.
         with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(_set_results, batch)
+            loop.call_soon_threadsafe(self._answered, batch)
 
     # --- hot path -------------------------------------------------------------------------
 

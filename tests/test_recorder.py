@@ -1,0 +1,78 @@
+"""The writer seen from the requests: answers in batches, and a late writer does not hold a request."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from conftest import insert_run
+from sam.callback import recorder as recorder_module
+from sam.callback.recorder import Recorder
+from sam.callback.repository import Callback, Outcome, Repository, make_engine
+from sam.callback.spool import Spool
+
+
+@pytest.fixture
+def parts(tmp_path: Path) -> Iterator[tuple[Repository, Spool, str]]:
+    url = f"sqlite:///{(tmp_path / 'sam.db').as_posix()}"
+    repository = Repository(make_engine(url), ["RUN_COMPLETED"])
+    repository.create_schema()
+    spool = Spool(tmp_path / "spool.db")
+    spool.open()
+    yield repository, spool, url
+    spool.close()
+    repository.dispose()
+
+
+def _callback(deployment_id: str) -> Callback:
+    return Callback(deployment_id=deployment_id, status="RUN_COMPLETED", raw="{}")
+
+
+def test_answers_leave_nothing_behind(parts: tuple[Repository, Spool, str]) -> None:
+    repository, spool, url = parts
+    for n in range(200):
+        insert_run(url, f"r-{n}")
+    recorder = Recorder(repository, spool, match_window=60)
+    recorder.start()
+
+    async def burst() -> list[str]:
+        return await asyncio.gather(*(recorder.submit(_callback(f"r-{n}"), f"req-{n}") for n in range(200)))
+
+    try:
+        assert asyncio.run(burst()) == ["updated"] * 200
+    finally:
+        recorder.stop()
+    assert not recorder._waiting  # the watchdog's list only holds requests still waiting
+
+
+def test_a_stuck_writer_hands_each_callback_back_to_its_request(
+    parts: tuple[Repository, Spool, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repository, spool, _url = parts
+    monkeypatch.setattr(recorder_module, "SUBMIT_TIMEOUT_SECONDS", 0.3)
+    release = threading.Event()
+
+    def frozen(callbacks: Sequence[Callback]) -> list[Outcome]:
+        release.wait(10)
+        return [Outcome.NOT_FOUND for _ in callbacks]
+
+    monkeypatch.setattr(repository, "apply_many", frozen)
+    recorder = Recorder(repository, spool, match_window=60)
+    recorder.start()
+
+    async def staggered() -> list[str]:
+        first = asyncio.ensure_future(recorder.submit(_callback("a"), "req-a"))
+        await asyncio.sleep(0.2)
+        second = asyncio.ensure_future(recorder.submit(_callback("b"), "req-b"))
+        return list(await asyncio.gather(first, second))
+
+    try:
+        assert asyncio.run(staggered()) == ["queued", "queued"]
+    finally:
+        release.set()
+        recorder.stop()
+    assert spool.stats().queued >= 2
