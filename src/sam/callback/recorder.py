@@ -29,6 +29,8 @@ UNAVAILABLE = "unavailable"
 _TAKEN_OVER = "taken_over"
 
 _MAX_BATCH = 256
+# How long the writer waits for more callbacks when its batch is much smaller than the last one.
+_GATHER_SECONDS = 0.001
 _DRAIN_BATCH = 500
 _IDLE_CHECK = 1.0
 _MAX_DB_BACKOFF = 10.0
@@ -96,6 +98,7 @@ class Recorder:
         # Requests waiting for the writer, oldest first; only the event loop's thread touches it.
         self._waiting: deque[_Item] = deque()
         self._watchdog: asyncio.TimerHandle | None = None
+        self._gather_target = 0
 
     @property
     def database_available(self) -> bool:
@@ -183,15 +186,13 @@ class Recorder:
             else:
                 stopping = first is None
             batch: list[_Item] = [] if first is None else [first]
-            while len(batch) < _MAX_BATCH:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stopping = True
-                    break
-                batch.append(item)
+            stopping = self._take_queued(batch) or stopping
+            if batch and not stopping and len(batch) < self._gather_target:
+                # Group commit: the last batch says more callbacks are on their way; a moment's
+                # wait turns a string of tiny commits (each with its fsync) into one.
+                time.sleep(_GATHER_SECONDS)
+                stopping = self._take_queued(batch)
+            self._gather_target = len(batch) // 2
             # Callbacks that waited too long were already spooled by their request.
             batch = [item for item in batch if not item.taken_over]
             if batch:
@@ -204,6 +205,18 @@ class Recorder:
                 except Exception:
                     log.exception("Error inesperado al vaciar el spool; se reintentará")
                     self._next_drain = time.time() + _IDLE_CHECK
+
+    def _take_queued(self, batch: list[_Item]) -> bool:
+        """Move what is queued into `batch`, up to the batch size; True when asked to stop."""
+        while len(batch) < _MAX_BATCH:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return False
+            if item is None:
+                return True
+            batch.append(item)
+        return False
 
     def _record_safely(self, batch: list[_Item]) -> None:
         try:
