@@ -243,3 +243,11 @@ def test_unmatched_after_the_window_stays_listed(make_settings: Callable[..., Se
         assert post(api, {"deploymentId": "nunca", "status": "RUN_COMPLETED"}).json()["code"] == "pending_match"
         wait_for(lambda: api.get("/ready").json()["unmatched"] == 1, what="no emparejado listado")
         assert api.get("/ready").json()["spool"]["backlog"] == 0
+
+
+def test_upper_casing_never_makes_the_status_longer(api: TestClient, db_url: str) -> None:
+    insert_run(db_url, "dep-ss", "RUNNING")
+    status = "straße" + "x" * 14  # 20 characters; "ß".upper() would be "SS"
+    answer = post(api, {"deploymentId": "dep-ss", "status": status})
+    assert answer.status_code == 200, answer.text
+    assert fetch_run(db_url, "dep-ss")["Estado"] == "STRAßE" + "X" * 14  # type: ignore[index]

@@ -123,6 +123,14 @@ _MESSAGES = {
 }
 
 
+def _upper_same_length(text: str) -> str:
+    # A360's states are ASCII; elsewhere str.upper() can grow a string ("ß" -> "SS") past the
+    # 20 characters of Estado that were just validated, so such characters keep their case.
+    if text.isascii():
+        return text.upper()
+    return "".join(upper if len(upper := char.upper()) == 1 else char for char in text)
+
+
 def parse_callback(body: bytes) -> Callback:
     """Validate a body against SPEC 2.1 and return the callback to record."""
     raw, value = decode_body(body)
@@ -137,7 +145,7 @@ def parse_callback(body: bytes) -> Callback:
         raise PayloadError(problems) from None
     details: list[dict[str, Any]] = []
     deployment_id = payload.deploymentId.strip()
-    status = payload.status.strip().upper()
+    status = _upper_same_length(payload.status.strip())
     if not 1 <= len(deployment_id) <= 100:
         details.append({"field": "deploymentId", "problem": "debe tener entre 1 y 100 caracteres"})
     elif _FORBIDDEN.search(deployment_id):
