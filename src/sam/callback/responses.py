@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -68,8 +69,26 @@ def request_id_from(value: bytes | str | None) -> str:
         text = value.decode("latin-1") if isinstance(value, bytes) else value
         if _SANE_REQUEST_ID.fullmatch(text):
             return text
-    # The shape of uuid4().hex (32 hex digits), without building a UUID object on every request.
-    return os.urandom(16).hex()
+    return _new_request_id()
+
+
+def _reset_request_ids() -> None:
+    global _request_id_prefix, _request_id_counter
+    _request_id_prefix = os.urandom(10).hex()
+    _request_id_counter = itertools.count()
+
+
+def _new_request_id() -> str:
+    # The shape of uuid4().hex (32 hex digits): 80 random bits per process, then a counter. One
+    # system call per process instead of one per request (which also handed the GIL to others).
+    return f"{_request_id_prefix}{next(_request_id_counter) & 0xFFFF_FFFF_FFFF:012x}"
+
+
+_request_id_prefix = ""
+_request_id_counter = itertools.count()
+_reset_request_ids()
+if hasattr(os, "register_at_fork"):  # a forked child must not repeat its parent's ids
+    os.register_at_fork(after_in_child=_reset_request_ids)
 
 
 def envelope(code: str, request_id: str, *, message: str | None = None, **extra: Any) -> tuple[int, dict[str, Any]]:
