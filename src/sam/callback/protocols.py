@@ -8,7 +8,6 @@ import logging
 import os
 from typing import Any
 
-from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from . import endpoint, recorder
@@ -24,8 +23,8 @@ HEADER_TIMEOUT_SECONDS = 15.0
 
 # httptools (llhttp) puts no limit on a request head: a 20 MB header is buffered whole (and
 # re-concatenated chunk by chunk) before the app sees it. Heads larger than this are refused with
-# 431 and a closed connection; h11, the fallback parser, gets the same figure through uvicorn's
-# h11_max_incomplete_event_size (and answers 400).
+# 431 and a closed connection. The server always runs this httptools protocol (a dependency on
+# every platform), so uvicorn's h11 parser is never used.
 MAX_HEAD_BYTES = 64 * 1024
 
 # Only the fault-injection tests set this ("header=1.5,body=1.5,submit=2"), so that they can prove the
@@ -105,32 +104,6 @@ class _HeaderDeadline:
 
     def _waiting_for_head(self) -> bool:
         return not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete)
-
-
-class H11HeaderTimeoutProtocol(_HeaderDeadline, H11Protocol):
-    """uvicorn's h11 protocol with a deadline on request heads."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)  # type: ignore[arg-type]
-        self._find_quiet_path()
-        self._await_head()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm_header_deadline()
-        super().connection_lost(exc)
-
-    def handle_events(self) -> None:
-        cycle = self.cycle
-        super().handle_events()
-        if self.cycle is not cycle:
-            # A new cycle means h11 parsed a complete request head.
-            self._head_received()
-            self._quiet_access_log()
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if self._waiting_for_head():
-            self._await_head()
 
 
 class _HeadTooLarge(Exception):

@@ -37,7 +37,6 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "date_header": True,
         "timeout_keep_alive": KEEP_ALIVE_SECONDS,
         "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_SECONDS,
-        "h11_max_incomplete_event_size": 64 * 1024,
         # uvicorn's own protocol waits for ever for a request's headers (slow clients).
         "http": HttpToolsHeaderTimeoutProtocol,
     }
