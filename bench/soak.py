@@ -164,6 +164,16 @@ def soak(
                     if late:
                         late_rows.put(deployment_id)
 
+        def insert_late_rows() -> None:
+            """Rows SAM's launcher commits after a fast bot has already called back."""
+            while True:
+                try:
+                    late_id = late_rows.get_nowait()
+                except queue.Empty:
+                    return
+                with engine.begin() as conn:
+                    conn.execute(sa.insert(ejecuciones).values(DeploymentId=late_id, Estado="DEPLOYED"))
+
         senders = [threading.Thread(target=sender, daemon=True) for _ in range(16)]
         for thread in senders:
             thread.start()
@@ -189,13 +199,7 @@ def soak(
             running = json.dumps({"deploymentId": deployment_id, "status": "RUNNING"})
             work.put((deployment_id, [running, final, duplicate], late))
             sent += 3
-            while True:  # rows SAM's launcher commits after a fast bot already called back
-                try:
-                    late_id = late_rows.get_nowait()
-                except queue.Empty:
-                    break
-                with engine.begin() as conn:
-                    conn.execute(sa.insert(ejecuciones).values(DeploymentId=late_id, Estado="DEPLOYED"))
+            insert_late_rows()
             elapsed = time.monotonic() - started
             if memory_start is None and elapsed >= warmup:
                 memory_start = rss_mb(process.pid)
@@ -207,13 +211,7 @@ def soak(
             work.put(None)
         for thread in senders:
             thread.join(60)
-        while True:
-            try:
-                late_id = late_rows.get_nowait()
-            except queue.Empty:
-                break
-            with engine.begin() as conn:
-                conn.execute(sa.insert(ejecuciones).values(DeploymentId=late_id, Estado="DEPLOYED"))
+        insert_late_rows()
         memory_end = rss_mb(process.pid)
 
         backlog = -1

@@ -137,6 +137,15 @@ class Answer:
         return self.http_status is not None and 200 <= self.http_status < 300
 
 
+def running_then_two_finals(deployment_id: str) -> list[tuple[str, str]]:
+    """RUNNING, a final status, then another final one that must lose: arrival order matters."""
+    return [
+        ("RUNNING", callback_body(deployment_id, "RUNNING")),
+        (FINAL, callback_body(deployment_id, FINAL)),
+        (OTHER_FINAL, callback_body(deployment_id, OTHER_FINAL)),
+    ]
+
+
 def callback_body(deployment_id: str, status: str, **extra: Any) -> str:
     """A raw A360-like callback body, unique through a marker."""
     return json.dumps(

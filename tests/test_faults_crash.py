@@ -23,6 +23,7 @@ from faults_support import (
     callback_body,
     check_first_final_kept,
     insert_runs,
+    running_then_two_finals,
     send_chains,
     spool_backlog,
     summary,
@@ -49,14 +50,9 @@ def test_kill_9_under_load_loses_no_acknowledged_callback(
     # Rows that only appear after the restart: their callbacks wait in the spool at the kill.
     late = [f"kill-late-{i:03d}" for i in range(50)]
     insert_runs(pg_url, present)
-    chains = [
-        [
-            ("RUNNING", callback_body(d, "RUNNING")),
-            (FINAL, callback_body(d, FINAL)),
-            (OTHER_FINAL, callback_body(d, OTHER_FINAL)),
-        ]
-        for d in present
-    ] + [[(FINAL, callback_body(d, FINAL)), (OTHER_FINAL, callback_body(d, OTHER_FINAL))] for d in late]
+    chains = [running_then_two_finals(d) for d in present] + [
+        [(FINAL, callback_body(d, FINAL)), (OTHER_FINAL, callback_body(d, OTHER_FINAL))] for d in late
+    ]
     random.Random(3).shuffle(chains)
     total = sum(len(chain) for chain in chains)
 

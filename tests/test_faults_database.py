@@ -16,7 +16,6 @@ import sqlalchemy as sa
 from conftest import TOKEN, ServerProcess, fetch_run, wait_for
 from faults_support import (
     FINAL,
-    OTHER_FINAL,
     Answer,
     TcpProxy,
     all_runs,
@@ -24,6 +23,7 @@ from faults_support import (
     check_first_final_kept,
     insert_runs,
     ready,
+    running_then_two_finals,
     send_chains,
     spool_backlog,
     spool_rows,
@@ -46,15 +46,7 @@ def test_database_outage_queues_every_callback_then_drains_in_arrival_order(
     """Cut PostgreSQL mid-load: 202 queued, /ready 503; back: drained in order, /ready 200."""
     runs = [f"outage-{i:03d}" for i in range(150)]
     insert_runs(pg_url, runs)
-    # RUNNING, then a final status, then another final one that must lose: arrival order matters.
-    chains = [
-        [
-            ("RUNNING", callback_body(d, "RUNNING")),
-            (FINAL, callback_body(d, FINAL)),
-            (OTHER_FINAL, callback_body(d, OTHER_FINAL)),
-        ]
-        for d in runs
-    ]
+    chains = [running_then_two_finals(d) for d in runs]
     with TcpProxy(5432) as proxy:
         server = server_factory(SAM_DATABASE_URL=proxy.url_for(pg_url)).start()
         answers: list[Answer] = []
