@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import socket
 import time
 from collections.abc import Callable
@@ -51,4 +52,27 @@ def test_body_in_pieces_then_whole_on_one_connection_then_idle_close(
     assert b"x-request-id: req-trozos" in first
     assert second.startswith(b"HTTP/1.1 200") and b'"request_id": "req-entero"' in second, second
     assert 1.0 < waited < 5.0
+    assert server.stop() == 0
+
+
+def test_idle_kept_alive_connection_is_closed_by_the_keep_alive_timeout(
+    server_factory: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    """With the real timeouts, a connection left idle after a response is closed by the server.
+
+    The keep-alive timeout (5 s) closes it, well before the header timeout (15 s) would.
+    """
+    server = server_factory().start()
+    insert_run(f"sqlite:///{(tmp_path / 'sam.db').as_posix()}", "ocioso")
+    body = callback_body("ocioso", FINAL).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(_head(len(body), "req-ocioso") + body)
+        answer = _answer(sock)
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+        deadline = time.monotonic() + 12.0
+        closed = False
+        while not closed and time.monotonic() < deadline:
+            ready, _, _ = select.select([sock], [], [], max(0.0, deadline - time.monotonic()))
+            closed = bool(ready) and sock.recv(1) == b""
+    assert closed, "the server left an idle kept-alive connection open past its keep-alive timeout"
     assert server.stop() == 0
