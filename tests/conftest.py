@@ -103,6 +103,32 @@ def client(settings: Settings) -> Iterator[TestClient]:
         yield test_client
 
 
+def isolated_env(tmp_path: Path) -> dict[str, str]:
+    """Settings that keep a CLI run's database, spool, logs and port inside `tmp_path`."""
+    return {
+        "SAM_DATABASE_URL": f"sqlite:///{(tmp_path / 'sam.db').as_posix()}",
+        "CALLBACK_SPOOL_PATH": str(tmp_path / "spool.db"),
+        "LOG_DIRECTORY": str(tmp_path / "logs"),
+        "CALLBACK_SERVER_HOST": "127.0.0.1",
+        "CALLBACK_SERVER_PORT": "0",
+    }
+
+
+def run_cli(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """`python -m sam.callback ARGS` in `cwd` with only the given settings of ours."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(_OUR_PREFIXES)}
+    return subprocess.run(
+        [sys.executable, "-m", "sam.callback", *args],
+        cwd=cwd,
+        env=clean | env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
 def auth_headers(token: str = TOKEN) -> dict[str, str]:
     """Headers A360 sends with a static token."""
     return {"X-Authorization": token, "Content-Type": "application/json"}

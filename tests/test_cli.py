@@ -4,29 +4,18 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import sqlalchemy as sa
 
-from conftest import TOKEN, ServerProcess, fetch_run, insert_run, wait_for
+from conftest import TOKEN, ServerProcess, fetch_run, insert_run, run_cli, wait_for
 from sam.callback.repository import make_engine
-
-_OURS = ("CALLBACK_", "SAM_", "SQL_SAM_", "JWT_", "LOG_", "API_GATEWAY_")
 
 
 def cli(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(_OURS)}
-    base = {"CALLBACK_TOKEN": TOKEN, "LOG_DIRECTORY": str(cwd / "logs")}
-    return subprocess.run(
-        [sys.executable, "-m", "sam.callback", *args],
-        cwd=cwd,
-        env=clean | base | env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    """The CLI with the test token and logs under `cwd`."""
+    return run_cli(cwd, *args, **({"CALLBACK_TOKEN": TOKEN, "LOG_DIRECTORY": str(cwd / "logs")} | env))
 
 
 def test_init_db_creates_the_table_on_sqlite_and_is_idempotent(tmp_path: Path) -> None:

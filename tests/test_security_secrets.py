@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+import conftest
 from conftest import TOKEN, Keys, ServerProcess, wait_for
 
 CLIENT_ID = "client-id-secreto-" + uuid.uuid4().hex
@@ -20,24 +19,8 @@ BODY = b'{"deploymentId":"secretos","status":"RUN_COMPLETED"}'
 
 def run_cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     """`python -m sam.callback ARGS` with only these settings."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("CALLBACK_", "SAM_", "JWT_", "LOG_", "SQL_SAM_"))}
-    values = {
-        "SAM_DATABASE_URL": f"sqlite:///{(tmp_path / 'sam.db').as_posix()}",
-        "CALLBACK_SPOOL_PATH": str(tmp_path / "spool.db"),
-        "LOG_DIRECTORY": str(tmp_path / "logs"),
-        "CALLBACK_SERVER_HOST": "127.0.0.1",
-        "CALLBACK_SERVER_PORT": "0",
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "sam.callback", *args],
-        env=base | values | env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
+    values = conftest.isolated_env(tmp_path)
+    return conftest.run_cli(tmp_path, *args, **(values | env))
 
 
 @pytest.mark.parametrize("log_format", ["text", "json"])

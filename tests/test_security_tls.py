@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import ssl
 import subprocess
-import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -15,9 +13,16 @@ import httpx
 import pytest
 import trustme
 
+import conftest
 from conftest import ServerProcess, auth_headers, wait_for
 
 VALID = b'{"deploymentId":"tls","status":"RUN_COMPLETED"}'
+
+
+def run_cli(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """`python -m sam.callback` with these settings; it must not get as far as serving."""
+    values = conftest.isolated_env(tmp_path) | {"CALLBACK_TOKEN": "t" * 40}
+    return conftest.run_cli(tmp_path, **(values | env))
 
 
 @pytest.fixture
@@ -94,29 +99,6 @@ def test_https_is_served_with_tls_1_2_at_least(
     with pytest.raises(httpx.HTTPError):
         httpx.get(url + "/health", verify=client_context(trustme.CA()), timeout=5)
     assert "Traceback" not in server.console()
-
-
-def run_cli(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    """`python -m sam.callback` with these settings; it must not get as far as serving."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("CALLBACK_", "SAM_", "JWT_", "LOG_", "SQL_SAM_"))}
-    values = {
-        "CALLBACK_TOKEN": "t" * 40,
-        "SAM_DATABASE_URL": f"sqlite:///{(tmp_path / 'sam.db').as_posix()}",
-        "CALLBACK_SPOOL_PATH": str(tmp_path / "spool.db"),
-        "LOG_DIRECTORY": str(tmp_path / "logs"),
-        "CALLBACK_SERVER_HOST": "127.0.0.1",
-        "CALLBACK_SERVER_PORT": "0",
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "sam.callback"],
-        env=base | values | env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
 
 
 def test_unusable_certificate_or_key_stops_the_start(

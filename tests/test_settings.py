@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from urllib.parse import unquote_plus
 
 import pytest
 
-from conftest import TOKEN
+from conftest import TOKEN, run_cli
 from sam.callback.settings import ConfigError, Settings, load_settings
 
 
@@ -124,18 +121,6 @@ def test_each_bad_value_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     assert any(line.startswith("CALLBACK_SERVER_PORT:") for line in problems)
     assert any(line.startswith("CALLBACK_AUTH_MODE:") for line in problems)
     assert any(line.startswith("LOG_FORMAT:") for line in problems)
-
-
-def run_cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("CALLBACK_", "SAM_", "SQL_SAM_", "JWT_", "LOG_"))}
-    return subprocess.run(
-        [sys.executable, "-m", "sam.callback", *args],
-        cwd=tmp_path,
-        env=clean | env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 @pytest.mark.parametrize(
