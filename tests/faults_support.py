@@ -18,8 +18,8 @@ from typing import Any
 import httpx
 import sqlalchemy as sa
 
-from conftest import TOKEN, free_port
 from sam.callback.repository import ejecuciones, make_engine
+from tests.utils import TOKEN, free_port
 
 FINAL = "RUN_COMPLETED"
 OTHER_FINAL = "RUN_FAILED"

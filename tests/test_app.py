@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from conftest import TOKEN, ServerProcess, fetch_run, insert_run, wait_for
+from tests.utils import TOKEN, ServerProcess, fetch_run, insert_run, wait_for
 
 
 def test_a_locked_database_neither_blocks_the_loop_nor_loses_the_callback(

@@ -13,9 +13,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi.testclient import TestClient
 
-from conftest import TOKEN, Keys
 from sam.callback.app import create_app
 from sam.callback.settings import ConfigError, Settings, load_settings
+from tests.utils import TOKEN, Keys
 
 BODY = b'{"deploymentId":"no-existe","status":"RUN_COMPLETED"}'
 ACCEPTED = 202  # the run does not exist: a valid request ends as pending_match

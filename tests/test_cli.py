@@ -9,8 +9,8 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from conftest import TOKEN, ServerProcess, fetch_run, insert_run, run_cli, wait_for
 from sam.callback.repository import make_engine
+from tests.utils import TOKEN, ServerProcess, fetch_run, insert_run, run_cli, wait_for
 
 
 def cli(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:

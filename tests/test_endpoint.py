@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import TOKEN, auth_headers, fetch_run, insert_run, wait_for
 from sam.callback.app import create_app
 from sam.callback.settings import Settings
+from tests.utils import TOKEN, auth_headers, fetch_run, insert_run, wait_for
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ServerProcess, wait_for
-from faults_support import (
+from sam.callback.settings import DEFAULT_FINAL_STATES
+from sam.callback.spool import Spool
+from tests.faults_support import (
     FINAL,
     OTHER_FINAL,
     Answer,
@@ -28,8 +29,7 @@ from faults_support import (
     spool_backlog,
     summary,
 )
-from sam.callback.settings import DEFAULT_FINAL_STATES
-from sam.callback.spool import Spool
+from tests.utils import ServerProcess, wait_for
 
 pytestmark = [
     pytest.mark.slow,

@@ -13,8 +13,8 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from conftest import TOKEN, ServerProcess, fetch_run, wait_for
-from faults_support import (
+from sam.callback.settings import DEFAULT_FINAL_STATES
+from tests.faults_support import (
     FINAL,
     Answer,
     TcpProxy,
@@ -29,7 +29,7 @@ from faults_support import (
     spool_rows,
     summary,
 )
-from sam.callback.settings import DEFAULT_FINAL_STATES
+from tests.utils import TOKEN, ServerProcess, fetch_run, wait_for
 
 pytestmark = pytest.mark.slow
 

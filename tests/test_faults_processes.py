@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ServerProcess, wait_for
-from faults_support import (
+from tests.faults_support import (
     FINAL,
     OTHER_FINAL,
     Answer,
@@ -22,6 +21,7 @@ from faults_support import (
     spool_rows,
     summary,
 )
+from tests.utils import ServerProcess, wait_for
 
 pytestmark = pytest.mark.slow
 

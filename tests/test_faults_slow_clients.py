@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import TOKEN, ServerProcess, insert_run, wait_for
-from faults_support import FINAL, callback_body
+from tests.faults_support import FINAL, callback_body
+from tests.utils import TOKEN, ServerProcess, insert_run, wait_for
 
 pytestmark = pytest.mark.slow
 

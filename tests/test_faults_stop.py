@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import TOKEN, ServerProcess, fetch_run, insert_run, wait_for
-from faults_support import FINAL, TcpProxy, callback_body, spool_backlog, spool_rows
+from tests.faults_support import FINAL, TcpProxy, callback_body, spool_backlog, spool_rows
+from tests.utils import TOKEN, ServerProcess, fetch_run, insert_run, wait_for
 
 pytestmark = pytest.mark.slow
 

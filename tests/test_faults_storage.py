@@ -9,8 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import TOKEN, ServerProcess, free_port
-from faults_support import FINAL, callback_body, ready, spool_rows
+from tests.faults_support import FINAL, callback_body, ready, spool_rows
+from tests.utils import TOKEN, ServerProcess, free_port
 
 pytestmark = pytest.mark.slow
 

@@ -13,10 +13,10 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import TOKEN, ServerProcess, auth_headers, insert_run, wait_for
 from sam.callback.app import create_app
 from sam.callback.logs import _MAYBE_SECRET, LoggingHandle, SharedTimedRotatingFileHandler, _maybe_secret, setup_logging
 from sam.callback.settings import Settings
+from tests.utils import TOKEN, ServerProcess, auth_headers, insert_run, wait_for
 
 # SAM's layout: "2024-05-01 10:00:00 - PID:123 - sam.callback.http - INFO - [rid] - message"
 TEXT_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d - PID:\d+ - [\w.]+ - [A-Z]+ - \[[^\]]+\] - .*$")

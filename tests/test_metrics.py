@@ -13,9 +13,9 @@ import httpx
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import TOKEN, ServerProcess, auth_headers, free_port, insert_run, wait_for
 from sam.callback.app import create_app
 from sam.callback.settings import Settings
+from tests.utils import TOKEN, ServerProcess, auth_headers, free_port, insert_run, wait_for
 
 
 def scrape(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

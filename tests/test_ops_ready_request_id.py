@@ -8,9 +8,9 @@ from collections.abc import Callable
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import auth_headers, free_port
 from sam.callback.app import create_app
 from sam.callback.settings import Settings
+from tests.utils import auth_headers, free_port
 
 GENERATED = re.compile(r"[0-9a-f]{32}")
 

@@ -11,10 +11,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 import sam.callback
-from conftest import auth_headers
 from sam.callback.app import create_app
 from sam.callback.settings import Settings, load_settings
 from sam.callback.spool import Spool
+from tests.utils import auth_headers
 
 SOURCE = Path(sam.callback.__file__).parent
 

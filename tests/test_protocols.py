@@ -8,8 +8,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import TOKEN, ServerProcess, insert_run
-from faults_support import FINAL, callback_body
+from tests.faults_support import FINAL, callback_body
+from tests.utils import TOKEN, ServerProcess, insert_run
 
 
 def _head(length: int, request_id: str) -> bytes:

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import insert_run
 from sam.callback import recorder as recorder_module
 from sam.callback.recorder import Recorder
 from sam.callback.repository import Callback, Outcome, Repository, make_engine
 from sam.callback.spool import Spool
+from tests.utils import insert_run
 
 
 @pytest.fixture

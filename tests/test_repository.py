@@ -11,9 +11,9 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.dialects.mssql import pyodbc as mssql_pyodbc
 from sqlalchemy.dialects.postgresql import psycopg as pg_psycopg
 
-from conftest import fetch_run, insert_run
 from sam.callback.repository import Callback, Outcome, Repository, compile_statements, make_engine, mssql_ddl
 from sam.callback.settings import DEFAULT_FINAL_STATES
+from tests.utils import fetch_run, insert_run
 
 FINALS = sorted(DEFAULT_FINAL_STATES)
 

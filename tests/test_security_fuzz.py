@@ -16,10 +16,10 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import TOKEN, ServerProcess, auth_headers
 from sam.callback.app import create_app
 from sam.callback.responses import ANSWERS
 from sam.callback.settings import Settings
+from tests.utils import TOKEN, ServerProcess, auth_headers
 
 # Every answer the callback path may give (SPEC 2.2), by HTTP status.
 CALLBACK_STATUSES = {200, 202, 400, 401, 403, 405, 408, 413, 415, 429, 503}

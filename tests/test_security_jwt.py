@@ -16,9 +16,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from fastapi.testclient import TestClient
 
-from conftest import TOKEN, Keys
 from sam.callback.app import create_app
 from sam.callback.settings import Settings
+from tests.utils import TOKEN, Keys
 
 BODY = b'{"deploymentId":"ataque-jwt","status":"RUN_COMPLETED"}'
 AUDIENCE = "sam-callback"

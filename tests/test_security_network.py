@@ -10,10 +10,10 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import auth_headers
 from sam.callback.app import create_app
 from sam.callback.auth import FailureThrottle
 from sam.callback.settings import Settings
+from tests.utils import auth_headers
 
 BODY = b'{"deploymentId":"red","status":"RUN_COMPLETED"}'
 PROXY = "192.0.2.8"

@@ -7,9 +7,9 @@ from collections.abc import Callable, Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import auth_headers
 from sam.callback.app import create_app
 from sam.callback.settings import Settings
+from tests.utils import auth_headers
 
 LIMIT = 4096
 VALID = b'{"deploymentId":"sigue-vivo","status":"RUN_COMPLETED"}'

@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-import conftest
-from conftest import TOKEN, Keys, ServerProcess, wait_for
+from tests import utils
+from tests.utils import TOKEN, Keys, ServerProcess, wait_for
 
 CLIENT_ID = "client-id-secreto-" + uuid.uuid4().hex
 BODY = b'{"deploymentId":"secretos","status":"RUN_COMPLETED"}'
@@ -19,8 +19,8 @@ BODY = b'{"deploymentId":"secretos","status":"RUN_COMPLETED"}'
 
 def run_cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     """`python -m sam.callback ARGS` with only these settings."""
-    values = conftest.isolated_env(tmp_path)
-    return conftest.run_cli(tmp_path, *args, **(values | env))
+    values = utils.isolated_env(tmp_path)
+    return utils.run_cli(tmp_path, *args, **(values | env))
 
 
 @pytest.mark.parametrize("log_format", ["text", "json"])

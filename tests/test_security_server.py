@@ -9,8 +9,8 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from conftest import TOKEN, ServerProcess, auth_headers
 from sam.callback.protocols import MAX_HEAD_BYTES
+from tests.utils import TOKEN, ServerProcess, auth_headers
 
 VALID = b'{"deploymentId":"servidor-real","status":"RUN_COMPLETED"}'
 BODY_LIMIT = 64 * 1024

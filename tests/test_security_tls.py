@@ -13,16 +13,16 @@ import httpx
 import pytest
 import trustme
 
-import conftest
-from conftest import ServerProcess, auth_headers, wait_for
+from tests import utils
+from tests.utils import ServerProcess, auth_headers, wait_for
 
 VALID = b'{"deploymentId":"tls","status":"RUN_COMPLETED"}'
 
 
 def run_cli(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
     """`python -m sam.callback` with these settings; it must not get as far as serving."""
-    values = conftest.isolated_env(tmp_path) | {"CALLBACK_TOKEN": "t" * 40}
-    return conftest.run_cli(tmp_path, **(values | env))
+    values = utils.isolated_env(tmp_path) | {"CALLBACK_TOKEN": "t" * 40}
+    return utils.run_cli(tmp_path, **(values | env))
 
 
 @pytest.fixture

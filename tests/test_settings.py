@@ -7,8 +7,8 @@ from urllib.parse import unquote_plus
 
 import pytest
 
-from conftest import TOKEN, run_cli
 from sam.callback.settings import ConfigError, Settings, load_settings
+from tests.utils import TOKEN, run_cli
 
 
 def settings_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, **env: str) -> Settings:

@@ -10,9 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import ServerProcess, auth_headers, free_port, insert_run
 from sam.callback.settings import Settings
 from sam.callback.status import show_status
+from tests.utils import ServerProcess, auth_headers, free_port, insert_run
 
 
 def test_status_of_a_running_instance_through_the_cli(
