@@ -485,6 +485,12 @@ class Repository:
             schema = "dbo" if self.engine.dialect.name == "mssql" else None
             return bool(inspect(conn).has_table("Ejecuciones", schema=schema))
 
+    def table_columns(self) -> list[Any]:
+        """`Ejecuciones`' columns as SQLAlchemy's inspector reflects them (name, type, ...)."""
+        with self.engine.connect() as conn:
+            schema = "dbo" if self.engine.dialect.name == "mssql" else None
+            return list(inspect(conn).get_columns("Ejecuciones", schema=schema))
+
     def create_schema(self) -> None:
         """Create `Ejecuciones` when it is missing (SQLite and PostgreSQL)."""
         metadata.create_all(self.engine, checkfirst=True)

@@ -310,10 +310,7 @@ class Spool:
             conn.executemany(
                 "UPDATE entries SET attempts = attempts + 1, next_attempt_at = ?, kind = ?, last_error = ?, "
                 "unmatched = ?, refused = ? WHERE seq = ?",
-                [
-                    (due, kind, error, int(unmatched), int(refused), seq)
-                    for seq, due, kind, error, unmatched in updates
-                ],
+                [(due, kind, error, int(unmatched), int(refused), seq) for seq, due, kind, error, unmatched in updates],
             )
 
     def stats(self) -> SpoolStats:
@@ -335,7 +332,9 @@ class Spool:
             refused_error=None if refused_error is None else str(refused_error),
         )
 
-    def entries(self, *, only_unmatched: bool = False, only_refused: bool = False, limit: int = 1000) -> list[SpoolEntry]:
+    def entries(
+        self, *, only_unmatched: bool = False, only_refused: bool = False, limit: int = 1000
+    ) -> list[SpoolEntry]:
         """Entries for an operator, oldest first."""
         where = "WHERE unmatched = 1" if only_unmatched else ""
         if only_refused:
