@@ -155,7 +155,9 @@ def test_a_refused_callback_in_a_batch_does_not_sink_the_others(tmp_path: Path, 
     _sam_table(pg_url, with_fecha_inicio_real=True)
     runs = [f"lote-{n}" for n in range(20)]
     for deployment_id in [*runs, "grande"]:
-        _alter(pg_url, f"""INSERT INTO "Ejecuciones" ("DeploymentId", "Estado") VALUES ('{deployment_id}', 'RUNNING')""")
+        _alter(
+            pg_url, f"""INSERT INTO "Ejecuciones" ("DeploymentId", "Estado") VALUES ('{deployment_id}', 'RUNNING')"""
+        )
     repository = Repository(make_engine(pg_url), DEFAULT_FINAL_STATES)
     spool = Spool(tmp_path / "spool.db")
     spool.open()
@@ -229,7 +231,9 @@ def test_callback_info_too_small_on_postgresql_is_kept_until_fixed_and_retried(
 ) -> None:
     _sam_table(pg_url, with_fecha_inicio_real=True)
     for deployment_id in ("grande", "normal"):
-        _alter(pg_url, f"""INSERT INTO "Ejecuciones" ("DeploymentId", "Estado") VALUES ('{deployment_id}', 'RUNNING')""")
+        _alter(
+            pg_url, f"""INSERT INTO "Ejecuciones" ("DeploymentId", "Estado") VALUES ('{deployment_id}', 'RUNNING')"""
+        )
     server = server_factory(SAM_DATABASE_URL=pg_url).start()
     raw = callback_body("grande", "RUN_COMPLETED", relleno="x" * 600)
     response = httpx_post(server, raw)

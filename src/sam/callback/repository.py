@@ -234,7 +234,9 @@ def compile_statements(
 class Failure(enum.Enum):
     """What a database error means for the callback that met it."""
 
-    DISCONNECT = "disconnect"  # the database is out of reach: spool, back off, probe
+    # The database as a whole is out of reach (down, unreachable, no free connection, an SQLite
+    # file locked by another process): spool everything, back off, probe.
+    DISCONNECT = "disconnect"
     TRANSIENT = "transient"  # the database answered but refused this time: retry with backoff
     PERMANENT = "permanent"  # retrying cannot fix it (schema, size, permission): keep, alert
 
@@ -253,7 +255,8 @@ _SQLITE_PERMANENT = ("no such column", "no such table", "has no column", "constr
 def classify_error(exc: BaseException) -> Failure:
     """Tell an unreachable database from a passing refusal and from one that retrying cannot fix."""
     if not isinstance(exc, DBAPIError):
-        return Failure.DISCONNECT if isinstance(exc, OSError) else Failure.TRANSIENT
+        # A pool that gives no connection in time, an OSError: nothing reached a table.
+        return Failure.DISCONNECT
     orig = exc.orig
     if exc.connection_invalidated:
         return Failure.DISCONNECT
@@ -282,8 +285,7 @@ def classify_error(exc: BaseException) -> Failure:
             fragment in message for fragment in _SQLITE_PERMANENT
         ):
             return Failure.PERMANENT
-        if "locked" in message or "busy" in message:
-            return Failure.TRANSIENT
+        # "database is locked"/busy included: SQLite locks the whole file, not one row.
         return Failure.DISCONNECT
     return Failure.DISCONNECT if is_disconnect(exc) else Failure.TRANSIENT
 
