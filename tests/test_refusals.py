@@ -260,3 +260,35 @@ def httpx_post(server: ServerProcess, raw: str) -> Any:
     import httpx
 
     return httpx.post(server.callback_url, content=raw, headers=auth_headers(), timeout=60)
+
+
+def test_a_spool_written_by_the_previous_version_is_upgraded_in_place(tmp_path: Path) -> None:
+    """Callbacks kept by the previous version survive the upgrade and keep their arrival time."""
+    import sqlite3
+
+    path = tmp_path / "spool.db"
+    old = sqlite3.connect(path)
+    old.executescript(
+        """
+        CREATE TABLE entries (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT, deployment_id TEXT NOT NULL, status TEXT NOT NULL,
+            raw TEXT NOT NULL, request_id TEXT NOT NULL DEFAULT '', received_at REAL NOT NULL, kind TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL NOT NULL, last_error TEXT,
+            unmatched INTEGER NOT NULL DEFAULT 0
+        );
+        INSERT INTO entries (deployment_id, status, raw, received_at, kind, next_attempt_at, unmatched)
+        VALUES ('antiguo', 'RUN_COMPLETED', '{}', 1000.0, 'pending_match', 1000.0, 1);
+        """
+    )
+    old.close()
+    spool = Spool(path)
+    try:
+        [entry] = spool.entries()
+        assert (entry.deployment_id, entry.unmatched, entry.refused) == ("antiguo", True, False)
+        assert spool.retry_now(only_unmatched=True) == 1
+        [entry] = spool.entries()
+        # A new match window, but the run still ends when the callback arrived.
+        assert entry.received_at == 1000.0 and entry.window_start > 1000.0 and not entry.unmatched
+        assert spool.stats().refused == 0
+    finally:
+        spool.close()
