@@ -18,10 +18,10 @@ import pytest
 import sqlalchemy as sa
 
 from sam.callback.listen import systemd_listener
-from sam.callback.repository import ejecuciones, make_engine
+from sam.callback.repository import ejecuciones, make_engine, metadata
 from sam.callback.settings import ConfigError, Settings
 from tests.faults_support import FINAL, callback_body
-from tests.utils import OUR_PREFIXES, TOKEN, auth_headers, free_port, insert_run, wait_for
+from tests.utils import OUR_PREFIXES, TOKEN, ServerProcess, auth_headers, free_port, insert_run, wait_for
 
 pytestmark = [
     pytest.mark.slow,
@@ -138,8 +138,7 @@ class Sender:
     def __init__(self, base_url: str, database: str, *, clients: int, per_client: int) -> None:
         self.url = base_url + "/api/callback"
         self.ids = [f"act-{c}-{n}" for c in range(clients) for n in range(per_client)]
-        for deployment_id in self.ids:
-            insert_run(database, deployment_id)
+        _insert_runs(database, self.ids)
         self.answers: dict[str, int | str] = {}
         self.finish = threading.Event()
         self._lock = threading.Lock()
@@ -191,14 +190,31 @@ def _send_raw(port: int, deployment_id: str) -> socket.socket:
     return sock
 
 
-def _read_status(sock: socket.socket) -> int:
-    """The status code of the answer on `sock` (read to the end: the request said Connection: close)."""
+def _read_all(sock: socket.socket) -> bytes:
+    """Everything the server sends on `sock` until it closes the connection."""
     received = b""
     with sock:
         while chunk := sock.recv(65536):
             received += chunk
+    return received
+
+
+def _read_status(sock: socket.socket) -> int:
+    """The status code of the answer on `sock` (read to the end: the request said Connection: close)."""
+    received = _read_all(sock)
     assert received.startswith(b"HTTP/1.1 "), received
     return int(received.split(b" ", 2)[1])
+
+
+def _insert_runs(database: str, ids: list[str]) -> None:
+    """Insert RUNNING rows the way SAM's launcher does, in one transaction."""
+    engine = make_engine(database)
+    try:
+        metadata.create_all(engine, checkfirst=True)
+        with engine.begin() as conn:
+            conn.execute(sa.insert(ejecuciones), [{"DeploymentId": i, "Estado": "RUNNING"} for i in ids])
+    finally:
+        engine.dispose()
 
 
 def _recorded(database: str) -> set[str]:
@@ -328,3 +344,29 @@ def test_a_descriptor_that_is_not_a_listening_tcp_socket_is_refused(tmp_path: Pa
     console = service.console()
     assert "Error de configuración: el socket de systemd (descriptor 3) no es un socket TCP en escucha" in console
     assert "Traceback" not in console
+
+
+def test_a_connection_accepted_before_the_stop_gets_its_answer(
+    server_factory: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    """SIGTERM between a client's connect and its request: the request is answered, not reset."""
+    server = server_factory().start()
+    database = server.env["SAM_DATABASE_URL"]
+    insert_run(database, "antes-de-parar")
+    early = socket.create_connection(("127.0.0.1", server.port), timeout=60)
+    # Connections are accepted in order: once a later one is answered, the server holds `early`.
+    assert httpx.get(server.base_url + "/health", timeout=30).status_code == 200
+    assert server.process is not None
+    server.process.send_signal(signal.SIGTERM)
+    wait_for(lambda: "Shutting down" in server.console(), timeout=30, what="inicio de la parada")
+    body = callback_body("antes-de-parar", FINAL).encode()
+    head = (
+        f"POST /api/callback HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Authorization: {TOKEN}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    early.sendall(head.encode() + body)
+    answer = _read_all(early)
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    assert b"connection: close" in answer.lower()
+    assert server.process.wait(60) == 0
+    assert _recorded(database) == {"antes-de-parar"}
