@@ -41,16 +41,28 @@ os.execv(sys.executable, [sys.executable, "-m", "sam.callback", "serve"])
 """
 
 
-def _service_env(tmp_path: Path, port: int, **env: str) -> dict[str, str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith(OUR_PREFIXES) and not k.startswith("LISTEN_")}
-    return base | {
+def _settings_env(tmp_path: Path, port: int, **env: str) -> dict[str, str]:
+    """The service's own settings, kept under `tmp_path`."""
+    return {
         "CALLBACK_SERVER_HOST": "127.0.0.1",
         "CALLBACK_SERVER_PORT": str(port),
         "CALLBACK_TOKEN": TOKEN,
         "SAM_DATABASE_URL": f"sqlite:///{(tmp_path / 'sam.db').as_posix()}",
         "CALLBACK_SPOOL_PATH": str(tmp_path / "spool" / "spool.db"),
         "LOG_DIRECTORY": str(tmp_path / "logs"),
+        "PYTHONUNBUFFERED": "1",
     } | env
+
+
+def _service_env(tmp_path: Path, port: int, **env: str) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(OUR_PREFIXES) and not k.startswith("LISTEN_")}
+    return base | _settings_env(tmp_path, port, **env)
+
+
+def _activate_command(tool: str, *ports: int, env: dict[str, str]) -> list[str]:
+    """systemd-socket-activate listening on `ports` and starting the service with `env` only."""
+    listen = [f"--listen={port}" for port in ports]
+    return [tool, *listen, *(f"--setenv={k}={v}" for k, v in env.items()), sys.executable, "-m", "sam.callback", "serve"]
 
 
 @dataclass
@@ -155,7 +167,7 @@ class Sender:
     def __exit__(self, *exc: object) -> None:
         self.finish.set()
         for thread in self._threads:
-            thread.join(90)
+            thread.join(160)
 
     def acknowledged(self) -> int:
         """How many callbacks got an answer so far."""
@@ -169,7 +181,7 @@ class Sender:
             try:
                 # A fresh connection each time, as A360 does; it must wait out a whole restart.
                 response = httpx.post(
-                    self.url, content=callback_body(deployment_id, FINAL), headers=auth_headers(), timeout=90
+                    self.url, content=callback_body(deployment_id, FINAL), headers=auth_headers(), timeout=150
                 )
                 answer: int | str = response.status_code
             except httpx.HTTPError as exc:
@@ -185,7 +197,7 @@ def _send_raw(port: int, deployment_id: str) -> socket.socket:
         f"POST /api/callback HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Authorization: {TOKEN}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     )
-    sock = socket.create_connection(("127.0.0.1", port), timeout=90)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=150)
     sock.sendall(head.encode() + body)
     return sock
 
@@ -237,10 +249,10 @@ def test_restart_on_the_systemd_socket_refuses_no_callback(
     service = activated(CALLBACK_SERVER_WORKERS=workers)
     database = service.env["SAM_DATABASE_URL"]
     service.start()
-    wait_for(service.ready, timeout=60, what="arranque del servicio sobre el socket")
+    wait_for(service.ready, timeout=120, what="arranque del servicio sobre el socket")
 
     with Sender(service.base_url, database, clients=3, per_client=400) as sender:
-        wait_for(lambda: sender.acknowledged() >= 20, timeout=60, what="callbacks antes de la parada")
+        wait_for(lambda: sender.acknowledged() >= 20, timeout=120, what="callbacks antes de la parada")
         assert service.stop() == 0, service.console()[-3000:]
         # No process serves the port now: a new connection is still accepted by the kernel, and
         # the callback waits in the socket's queue for the next process.
@@ -248,7 +260,7 @@ def test_restart_on_the_systemd_socket_refuses_no_callback(
         while_down = _send_raw(service.port, "act-while-down")
         service.start()
         before = sender.acknowledged()
-        wait_for(lambda: sender.acknowledged() >= before + 20, timeout=90, what="callbacks tras el arranque")
+        wait_for(lambda: sender.acknowledged() >= before + 20, timeout=120, what="callbacks tras el arranque")
         assert _read_status(while_down) == 200
     assert service.stop() == 0, service.console()[-3000:]
 
@@ -262,28 +274,27 @@ def test_restart_on_the_systemd_socket_refuses_no_callback(
 
 
 def test_systemd_socket_activate_starts_the_service_on_its_socket(tmp_path: Path) -> None:
-    """`systemd-socket-activate` (systemd's own tool) passes the port; the service answers on it."""
+    """`systemd-socket-activate` (systemd's tool) opens the port as the unit does; the first callback waits and is recorded."""
     tool = shutil.which("systemd-socket-activate")
     if tool is None:
         pytest.skip("systemd-socket-activate no está instalado")
     port = free_port()
-    env = _service_env(tmp_path, port)
-    settings = [f"--setenv={name}={value}" for name, value in env.items() if name not in ("LISTEN_PID", "LISTEN_FDS")]
+    # A bare port, as in sam-callback.socket: one IPv6 socket that takes IPv4 too. The allowlist
+    # still matches the IPv4 client, which arrives as ::ffff:127.0.0.1.
+    env = _settings_env(tmp_path, port, CALLBACK_ALLOWED_IPS="127.0.0.1/32")
+    insert_run(env["SAM_DATABASE_URL"], "sa-1")
     with (tmp_path / "activate.out").open("wb") as sink:
         process = subprocess.Popen(
-            [tool, f"--listen=127.0.0.1:{port}", *settings, sys.executable, "-m", "sam.callback", "serve"],
-            cwd=tmp_path,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
+            _activate_command(tool, port, env=env), cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT
         )
     try:
-        insert_run(env["SAM_DATABASE_URL"], "sa-1")
-        # The port is open before Python starts: this request waits in the queue and is answered.
+        # The tool starts the service on the first connection: this callback waits in the queue.
+        wait_for(lambda: _connects(port), timeout=30, what="puerto abierto por systemd-socket-activate")
         response = httpx.post(
             f"http://127.0.0.1:{port}/api/callback",
             content=callback_body("sa-1", FINAL),
             headers=auth_headers(),
-            timeout=60,
+            timeout=120,
         )
         assert response.status_code == 200, response.text
         assert _recorded(env["SAM_DATABASE_URL"]) == {"sa-1"}
@@ -294,7 +305,8 @@ def test_systemd_socket_activate_starts_the_service_on_its_socket(tmp_path: Path
             process.kill()
             process.wait(10)
     console = (tmp_path / "activate.out").read_text(errors="replace")
-    assert f"Socket de escucha recibido de systemd (activación por socket): http://127.0.0.1:{port}" in console
+    assert f"Socket de escucha recibido de systemd (activación por socket): http://[::]:{port}" in console
+    assert "Traceback" not in console
 
 
 def test_more_than_one_socket_is_a_configuration_error(tmp_path: Path) -> None:
@@ -302,20 +314,32 @@ def test_more_than_one_socket_is_a_configuration_error(tmp_path: Path) -> None:
     tool = shutil.which("systemd-socket-activate")
     if tool is None:
         pytest.skip("systemd-socket-activate no está instalado")
-    env = _service_env(tmp_path, free_port())
-    settings = [f"--setenv={name}={value}" for name, value in env.items()]
-    done = subprocess.run(
-        [tool, f"--listen=127.0.0.1:{free_port()}", f"--listen=127.0.0.1:{free_port()}", *settings]
-        + [sys.executable, "-m", "sam.callback", "serve"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 2, done.stderr
-    assert "Error de configuración: systemd pasó 2 sockets (LISTEN_FDS)" in done.stderr
-    assert "Traceback" not in done.stderr
+    first, second = free_port(), free_port()
+    with (tmp_path / "activate.out").open("wb") as sink:
+        process = subprocess.Popen(
+            _activate_command(tool, first, second, env=_settings_env(tmp_path, first)),
+            cwd=tmp_path,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for(lambda: _connects(first), timeout=30, what="puerto abierto por systemd-socket-activate")
+        assert process.wait(120) == 2
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+    console = (tmp_path / "activate.out").read_text(errors="replace")
+    assert "Error de configuración: systemd pasó 2 sockets (LISTEN_FDS) y sam-callback usa uno" in console
+    assert "Traceback" not in console
+
+
+def _connects(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except OSError:
+        return False
+    return True
 
 
 def test_variables_of_another_process_are_ignored_and_removed(make_settings: Callable[..., Settings]) -> None:

@@ -95,6 +95,12 @@ def _check_database_driver(settings: Settings) -> None:
         raise ConfigError([f"{source}: {problem}"])
 
 
+# uvicorn kills a worker that does not answer its supervisor's ping within this time, then
+# starts another. Its default (5 s) is shorter than a worker's start on a busy machine: the
+# workers were replaced one after another and none ever served.
+WORKER_HEALTHCHECK_SECONDS = 30
+
+
 def _serve_workers(settings: Settings, listener: socket.socket | None) -> int:
     # Parse the JWT keys here, once: a key that does not parse must stop the start with exit code
     # 2, not crash every worker with a traceback while the parent waits for them for ever.
@@ -119,6 +125,7 @@ def _serve_workers(settings: Settings, listener: socket.socket | None) -> int:
                 "sam.callback.app:app_from_environment",
                 factory=True,
                 workers=settings.server_workers,
+                timeout_worker_healthcheck=WORKER_HEALTHCHECK_SECONDS,
                 **uvicorn_options(settings),
             )
             return 0
@@ -127,6 +134,7 @@ def _serve_workers(settings: Settings, listener: socket.socket | None) -> int:
             "sam.callback.app:app_from_environment",
             factory=True,
             workers=settings.server_workers,
+            timeout_worker_healthcheck=WORKER_HEALTHCHECK_SECONDS,
             **uvicorn_options(settings),
         )
         Multiprocess(config, sockets=[listener]).run()
