@@ -62,7 +62,15 @@ def _service_env(tmp_path: Path, port: int, **env: str) -> dict[str, str]:
 def _activate_command(tool: str, *ports: int, env: dict[str, str]) -> list[str]:
     """systemd-socket-activate listening on `ports` and starting the service with `env` only."""
     listen = [f"--listen={port}" for port in ports]
-    return [tool, *listen, *(f"--setenv={k}={v}" for k, v in env.items()), sys.executable, "-m", "sam.callback", "serve"]
+    return [
+        tool,
+        *listen,
+        *(f"--setenv={k}={v}" for k, v in env.items()),
+        sys.executable,
+        "-m",
+        "sam.callback",
+        "serve",
+    ]
 
 
 @dataclass

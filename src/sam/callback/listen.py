@@ -44,7 +44,9 @@ def systemd_listener(settings: Settings, environ: MutableMapping[str, str] | Non
         )
         return None
     if not count.strip().isdigit() or int(count) < 1:
-        raise ConfigError([f"LISTEN_FDS={count!r} no es un número de sockets válido (activación por socket de systemd)"])
+        raise ConfigError(
+            [f"LISTEN_FDS={count!r} no es un número de sockets válido (activación por socket de systemd)"]
+        )
     if int(count) > 1:
         raise ConfigError(
             [
