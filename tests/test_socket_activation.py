@@ -249,9 +249,7 @@ def _recorded(database: str) -> set[str]:
 
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_restart_on_the_systemd_socket_refuses_no_callback(
-    activated: Callable[..., ActivatedService],
-    tmp_path: Path,
-    workers: str,
+    activated: Callable[..., ActivatedService], workers: str
 ) -> None:
     """Stop and start the service while clients keep sending: every callback is acknowledged and recorded."""
     service = activated(CALLBACK_SERVER_WORKERS=workers)
