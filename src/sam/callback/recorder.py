@@ -72,6 +72,9 @@ class RecorderEvents:
 
     on_db_error: Callable[[str], None] = lambda _where: None
     on_applied: Callable[[str], None] = lambda _result: None
+    on_database_down: Callable[[str | None], None] = lambda _error: None
+    on_database_up: Callable[[], None] = lambda: None
+    on_unmatched: Callable[[str, str, float], None] = lambda _deployment_id, _request_id, _waited: None
 
 
 class Recorder:
@@ -290,6 +293,7 @@ class Recorder:
         self._db_retry_at = time.time() + self._db_backoff
         self._next_drain = min(self._next_drain, self._db_retry_at)
         self.events.on_db_error(where)
+        self.events.on_database_down(self.last_db_error)
         log.warning(
             "Base de datos no disponible (%s); los callbacks van al spool. Reintento en %.1f s",
             self.last_db_error,
@@ -299,6 +303,7 @@ class Recorder:
     def _database_answered(self) -> None:
         if self._db_backoff:
             log.info("La base de datos responde de nuevo; se vacía el spool")
+            self.events.on_database_up()
             # Backoff may have pushed queued callbacks up to a minute away; the outage is over.
             with contextlib.suppress(SpoolError):
                 self.spool.queued_due_now(now=time.time())
@@ -396,6 +401,7 @@ class Recorder:
                     entry.deployment_id,
                     entry.request_id,
                 )
+                self.events.on_unmatched(entry.deployment_id, entry.request_id, age)
             updates.append((entry.seq, now + pending_delay(age), PENDING, None, expired))
         if updates:
             self.spool.reschedule(updates)
