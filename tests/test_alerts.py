@@ -459,6 +459,16 @@ def test_test_mail_refuses_a_certificate_it_cannot_verify(
     assert inbox.messages() == []
 
 
+def test_test_mail_reads_the_email_lines_of_sams_env_file(inbox: Inbox, tmp_path: Path) -> None:
+    lines = [f"{name}={value}" for name, value in inbox.env().items()]
+    (tmp_path / ".env").write_text("\n".join([f"CALLBACK_TOKEN={TOKEN}", "SQL_SAM_HOST=", *lines]) + "\n")
+    result = run_cli(tmp_path, "test-mail")
+    assert result.returncode == 0, result.stderr
+    assert "operaciones@example.test, guardia@example.test" in result.stdout
+    (mail,) = inbox.wait(1)
+    assert mail.recipients == RECIPIENT_LIST and not mail.tls and mail.login is None
+
+
 def test_test_mail_without_a_mail_server_says_so(tmp_path: Path) -> None:
     result = run_cli(tmp_path, "test-mail", CALLBACK_TOKEN=TOKEN)
     assert result.returncode == 1

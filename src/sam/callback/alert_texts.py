@@ -8,7 +8,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from .alerts import Alert
+    from .alert_policy import Alert
 
 
 class AlertKind(StrEnum):
