@@ -145,8 +145,9 @@ class SilentServer:
         """True while the first client keeps its connection open (it has not given up yet)."""
         with self._lock:
             conn = self.connections[0]
+        conn.setblocking(False)
         try:
-            return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+            return conn.recv(1, socket.MSG_PEEK) != b""
         except BlockingIOError:
             return True
 
