@@ -86,7 +86,7 @@ def test_unmatched_and_refused_callbacks_reach_the_alert_hooks(parts: tuple[Repo
     refused: list[tuple[str, str]] = []
     events = RecorderEvents(
         on_unmatched=lambda entry: unmatched.append(entry.deployment_id),
-        on_refused=lambda deployment_id, error: refused.append((deployment_id, error)),
+        on_refused=lambda deployment_id, _status, error: refused.append((deployment_id, error)),
     )
     recorder = Recorder(repository, spool, match_window=0, events=events)
     recorder.start()

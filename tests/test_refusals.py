@@ -163,7 +163,7 @@ def test_a_refused_callback_in_a_batch_does_not_sink_the_others(tmp_path: Path, 
     spool.open()
     refusals: list[tuple[str, str]] = []
     recorder = Recorder(repository, spool, match_window=60)
-    recorder.events.on_refused = lambda deployment_id, error: refusals.append((deployment_id, error))
+    recorder.events.on_refused = lambda deployment_id, _status, error: refusals.append((deployment_id, error))
     big = json.dumps({"deploymentId": "grande", "status": "RUN_COMPLETED", "relleno": "x" * 600})
     callbacks = [Callback(d, "RUN_COMPLETED", "{}") for d in runs]
     # The big one first, then a later callback of the same run: it must wait behind it.

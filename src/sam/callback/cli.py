@@ -1,4 +1,4 @@
-"""The `sam-callback` command: serve, check, init-db, send, spool, status."""
+"""The `sam-callback` command: serve, check, init-db, send, spool, status, test-mail."""
 
 from __future__ import annotations
 
@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     purge.add_argument("--all", action="store_true", help="todos, no solo los no emparejados")
     purge.add_argument("--older-than-days", type=float, default=None, help="solo los recibidos hace más de N días")
     purge.add_argument("--yes", action="store_true", help="confirma el borrado")
+    commands.add_parser(
+        "test-mail", help="envía un correo de prueba a EMAIL_DESTINATARIOS con la configuración EMAIL_*"
+    )
     status = commands.add_parser("status", help="resumen de una instancia en marcha")
     status.add_argument(
         "--url",
@@ -192,6 +195,19 @@ def _status(settings: Settings, args: argparse.Namespace) -> int:
     return show_status(settings, args.url)
 
 
+def _test_mail(settings: Settings, args: argparse.Namespace) -> int:
+    from .logs import secrets_of
+    from .mail import MailError, send_test_mail
+
+    try:
+        config = send_test_mail(settings, secrets_of(settings))
+    except MailError as exc:
+        print(f"No se pudo enviar el correo de prueba: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"Correo de prueba enviado mediante {config.describe()} a: {', '.join(config.recipients)}")
+    return EXIT_OK
+
+
 def _entry_dict(entry: object) -> dict[str, object]:
     from dataclasses import asdict, is_dataclass
 
@@ -209,4 +225,5 @@ _COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "send": _send,
     "spool": _spool,
     "status": _status,
+    "test-mail": _test_mail,
 }

@@ -75,15 +75,19 @@ class RecorderEvents:
 
     - `on_db_error(where)`: a statement failed ("callback", "spool" or "probe").
     - `on_applied(result)`: a spooled callback was applied ("updated" or "already_processed").
-    - `on_refused(deployment_id, error)`: the database refused a callback for a reason retrying
-      cannot fix (SPEC 8); it stays in the spool marked refused. `error` holds no secret.
+    - `on_refused(deployment_id, status, error)`: the database refused a callback for a reason
+      retrying cannot fix (SPEC 8); it stays in the spool marked refused. `error` holds no secret.
     - `on_unmatched(entry)`: a callback's row never appeared within the match window.
+    - `on_database_down(error)`: a try to reach the database failed; `on_database_up()`: it
+      answers again after failing.
     """
 
     on_db_error: Callable[[str], None] = lambda _where: None
     on_applied: Callable[[str], None] = lambda _result: None
-    on_refused: Callable[[str, str], None] = lambda _deployment_id, _error: None
+    on_refused: Callable[[str, str, str], None] = lambda _deployment_id, _status, _error: None
     on_unmatched: Callable[[SpoolEntry], None] = lambda _entry: None
+    on_database_down: Callable[[str | None], None] = lambda _error: None
+    on_database_up: Callable[[], None] = lambda: None
 
 
 class Recorder:
@@ -362,16 +366,16 @@ class Recorder:
             return
         for item, error in refused:
             item.result = QUEUED
-            self._refused(item.callback.deployment_id, error, item.request_id)
+            self._refused(item.callback.deployment_id, item.callback.status, error, item.request_id)
 
-    def _refused(self, deployment_id: str, error: str, request_id: str) -> None:
+    def _refused(self, deployment_id: str, status: str, error: str, request_id: str) -> None:
         log.error(
             "La base de datos rechaza el callback de forma permanente (%s): queda en el spool como rechazado "
             "deploymentId=%s request_id=%s. Ejecute `sam-callback check`, corrija la tabla y después "
             "`sam-callback spool retry`",
             error, deployment_id, request_id,
         )  # fmt: skip
-        self.events.on_refused(deployment_id, error)
+        self.events.on_refused(deployment_id, status, error)
 
     def _database_failed(self, exc: BaseException, *, where: str) -> None:
         self.last_db_error = describe_error(exc)
@@ -379,6 +383,7 @@ class Recorder:
         self._db_retry_at = time.monotonic() + self._db_backoff
         self._next_drain = min(self._next_drain, time.time() + self._db_backoff)
         self.events.on_db_error(where)
+        self.events.on_database_down(self.last_db_error)
         log.warning(
             "Base de datos no disponible (%s); los callbacks van al spool. Reintento en %.1f s",
             self.last_db_error,
@@ -388,6 +393,7 @@ class Recorder:
     def _database_answered(self) -> None:
         if self._db_backoff:
             log.info("La base de datos responde de nuevo; se vacía el spool")
+            self.events.on_database_up()
             # Backoff may have pushed queued callbacks up to a minute away; the outage is over.
             with contextlib.suppress(SpoolError):
                 self.spool.queued_due_now(now=time.time())
@@ -499,7 +505,7 @@ class Recorder:
             head, error = chain[0], describe_error(exc)
             if classify_error(exc) is Failure.PERMANENT:
                 refused.append((head.seq, now + REFUSED_RETRY_SECONDS, head.kind, error, False))
-                self._refused(head.deployment_id, error, head.request_id)
+                self._refused(head.deployment_id, head.status, error, head.request_id)
             else:
                 transient.append((head.seq, now + retry_delay(head.attempts), head.kind, error, False))
         if transient:

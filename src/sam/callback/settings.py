@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote_plus
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_FINAL_STATES = (
@@ -22,6 +22,7 @@ DEFAULT_FINAL_STATES = (
 ASYMMETRIC_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 )
+DEFAULT_SMTP_PORT = 587
 AuthMode = Literal["optional", "required", "none"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -245,6 +246,45 @@ class Settings(BaseSettings):
         if self.sql_host and not self.database_url and not self.sql_db_name:
             problems.append("SQL_SAM_DB_NAME: obligatorio cuando se configura SQL_SAM_HOST")
         return problems
+
+    # --- E-mail alerts (SPEC sections 5 and 9): SAM's EMAIL_* settings, read as SAM reads them ---
+
+    email_smtp_host: str | None = Field(None, validation_alias=AliasChoices("EMAIL_SMTP_HOST", "EMAIL_SMTP_SERVER"))
+    email_smtp_port: int = Field(
+        DEFAULT_SMTP_PORT, ge=1, le=65535, validation_alias=AliasChoices("EMAIL_SMTP_PUERTO", "EMAIL_SMTP_PORT")
+    )
+    email_from: str | None = Field(None, validation_alias=AliasChoices("EMAIL_REMITENTE", "EMAIL_FROM"))
+    email_recipients: str = Field("", validation_alias=AliasChoices("EMAIL_DESTINATARIOS", "EMAIL_RECIPIENTS"))
+    email_use_tls: bool = Field(True, validation_alias=AliasChoices("EMAIL_TLS_HABILITAR", "EMAIL_USE_TLS"))
+    email_user: str | None = Field(None, validation_alias=AliasChoices("EMAIL_USUARIO", "EMAIL_USER"))
+    email_password: str | None = Field(None, validation_alias=AliasChoices("EMAIL_PASSWORD"))
+    alert_auth_failures: int = Field(5, ge=0, le=100_000, validation_alias=AliasChoices("CALLBACK_ALERT_AUTH_FAILURES"))
+    alert_database_seconds: int = Field(
+        300, ge=0, le=86400 * 7, validation_alias=AliasChoices("CALLBACK_ALERT_DATABASE_SECONDS")
+    )
+    alert_repeat_seconds: int = Field(
+        3600, ge=1, le=86400 * 7, validation_alias=AliasChoices("CALLBACK_ALERT_REPEAT_SECONDS")
+    )
+
+    @field_validator("email_smtp_host", "email_from", "email_user", "email_password", mode="before")
+    @classmethod
+    def _blank_email_is_unset(cls, value: Any) -> Any:
+        # SAM's .env.example ships `EMAIL_USUARIO=` and `EMAIL_PASSWORD=`: empty means "not set".
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @field_validator("email_smtp_port", "email_use_tls", mode="before")
+    @classmethod
+    def _blank_email_is_default(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, str) and not value.strip():
+            return DEFAULT_SMTP_PORT if info.field_name == "email_smtp_port" else True
+        return value.strip() if isinstance(value, str) else value
+
+    @property
+    def email_recipient_list(self) -> list[str]:
+        """Alert recipients; SAM separates them with ';' and accepts ',' too."""
+        return _split(self.email_recipients.replace(";", ","))
 
 
 def _tls_problem(certfile: Path, keyfile: Path) -> str | None:
