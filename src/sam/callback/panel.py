@@ -140,6 +140,12 @@ def _clock(at: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
 
 
+def _time_of_day(at: float, now: float) -> str:
+    # Today's events need only the time: narrower tables on a phone.
+    stamp = _clock(at)
+    return stamp[11:] if stamp[:10] == _clock(now)[:10] else stamp
+
+
 def _ago(seconds: float) -> str:
     seconds = max(0, int(seconds))
     if seconds < 120:
@@ -201,9 +207,9 @@ def render_page(view: PanelView, *, nonce: str) -> str:
         _card("Callbacks por minuto, última hora", _plot(view)),
         _card(
             "Últimos callbacks recibidos",
-            _filter_form(view.deployment_filter) + _callback_table(callbacks[:ROWS_SHOWN], several=several),
+            _filter_form(view.deployment_filter) + _callback_table(callbacks[:ROWS_SHOWN], now=view.now, several=several),
         ),
-        _card("Últimas peticiones rechazadas", _refused_table(refused[:ROWS_SHOWN], several=several)),
+        _card("Últimas peticiones rechazadas", _refused_table(refused[:ROWS_SHOWN], now=view.now, several=several)),
         "</main></body></html>",
     ]
     return "\n".join(parts)
@@ -298,12 +304,12 @@ def _table(headers: list[str], rows: list[list[str]], empty: str) -> str:
     return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
-def _callback_table(events: list[tuple[int, CallbackEvent]], *, several: bool) -> str:
+def _callback_table(events: list[tuple[int, CallbackEvent]], *, now: float, several: bool) -> str:
     headers = ["Hora", "deploymentId", "Estado", "Resultado", "Cliente", "request id"]
     rows = []
     for pid, (at, _seq, deployment_id, status, result, client, request_id) in events:
         kind = "ok" if result in ("updated", "already_processed") else ("wait" if result in _WAITING else "bad")
-        row = [_e(_clock(at)), _e(deployment_id), _e(status), f'<span class="{kind}">{_e(result)}</span>']
+        row = [_e(_time_of_day(at, now)), _e(deployment_id), _e(status), f'<span class="{kind}">{_e(result)}</span>']
         row += [_e(client), f"<code>{_e(request_id)}</code>"]
         rows.append([*row, _e(pid)] if several else row)
     return _table([*headers, "Proceso"] if several else headers, rows, "Ningún callback recibido (con este filtro).")
@@ -312,11 +318,11 @@ def _callback_table(events: list[tuple[int, CallbackEvent]], *, several: bool) -
 _WAITING = frozenset({"pending_match", "queued"})
 
 
-def _refused_table(events: list[tuple[int, RefusedEvent]], *, several: bool) -> str:
+def _refused_table(events: list[tuple[int, RefusedEvent]], *, now: float, several: bool) -> str:
     headers = ["Hora", "Cliente", "Motivo"]
     rows = []
     for pid, (at, client, reason) in events:
-        row = [_e(_clock(at)), _e(client), _e(reason)]
+        row = [_e(_time_of_day(at, now)), _e(client), _e(reason)]
         rows.append([*row, _e(pid)] if several else row)
     return _table([*headers, "Proceso"] if several else headers, rows, "Ninguna petición rechazada.")
 
@@ -328,7 +334,7 @@ body{margin:0;font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-seri
 header{padding:.8rem 1rem;background:#1f3a5f;color:#fff}
 header h1{margin:0;font-size:1.25rem}header p{margin:.2rem 0 0;font-size:.85rem;opacity:.85}
 main{padding:.6rem;max-width:80rem;margin:auto}
-.cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(18rem,1fr));gap:.6rem}
+.cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(18rem,1fr));gap:.6rem;margin-bottom:.6rem}
 .card{border:1px solid var(--line);border-radius:.5rem;padding:.6rem .8rem;margin-bottom:.6rem;min-width:0}
 .cards .card{margin-bottom:0}
 h2{font-size:1rem;margin:0 0 .4rem}
