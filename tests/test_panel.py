@@ -205,7 +205,10 @@ def test_an_address_outside_the_admin_list_gets_403(server_factory: Callable[...
 
 def test_several_processes_all_appear(server_factory: Callable[..., ServerProcess], tmp_path: Path) -> None:
     """With two worker processes the page lists callbacks received by both, and sums their counts."""
-    server = server_factory(CALLBACK_SERVER_WORKERS="2").start()
+    server = server_factory(CALLBACK_SERVER_WORKERS="2")
+    # Two fresh interpreters import the whole stack: on a loaded machine that takes a while.
+    server.start(wait=False)
+    wait_for(server._healthy, timeout=120, what="arranque de los dos workers")
     sent: list[str] = []
 
     def both_workers_shown() -> bool:
@@ -223,6 +226,28 @@ def test_several_processes_all_appear(server_factory: Callable[..., ServerProces
     assert len({row[-1] for row in rows}) == 2
     assert len(page.pairs["Estado"]["Procesos"].split(",")) == 2
     assert page.pairs["Callbacks desde el arranque"]["total"] == str(len(sent))
+
+
+def test_two_instances_on_one_spool_show_each_other(
+    server_factory: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    """Two services sharing a spool folder each list the callbacks the other received."""
+    first, second = server_factory().start(), server_factory().start()
+    assert post(first, "panel-instance-first").status_code == 202
+    assert post(second, "panel-instance-second").status_code == 202
+
+    def both_listed(server: ServerProcess) -> set[str]:
+        page = Page(httpx.get(server.base_url + "/panel", timeout=30).text)
+        rows = page.rows.get("Últimos callbacks recibidos", [])
+        return {row[1] for row in rows} >= {"panel-instance-first", "panel-instance-second"} and {row[-1] for row in rows}
+
+    pids = wait_for(lambda: both_listed(first), what="los callbacks de la otra instancia en el panel")
+    assert pids == {str(first.process.pid), str(second.process.pid)}  # type: ignore[union-attr]
+    wait_for(lambda: both_listed(second), what="los callbacks de la primera instancia en el panel")
+    # A stopped instance removes its record: its callbacks leave the other's page.
+    assert second.stop() == 0
+    _, page = open_in_browser(tmp_path, first.base_url + "/panel")
+    assert [row[1] for row in page.rows["Últimos callbacks recibidos"]] == ["panel-instance-first"]
 
 
 def _client(settings: Settings, address: str) -> TestClient:
