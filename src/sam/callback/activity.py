@@ -216,7 +216,8 @@ class ActivityPublisher:
             last_seq = activity.callbacks[-1][1] if activity.callbacks else -1
             last_refused = activity.refused_events[-1][0] if activity.refused_events else -1.0
             now = time.monotonic()
-            if (last_seq, last_refused) == (published_seq, published_refused) and now - published_at < HEARTBEAT_SECONDS:
+            unchanged = (last_seq, last_refused) == (published_seq, published_refused)
+            if unchanged and now - published_at < HEARTBEAT_SECONDS:
                 continue
             try:
                 activity.publish()

@@ -190,6 +190,7 @@ def render_page(view: PanelView, *, nonce: str) -> str:
         ("Equipo", _e(socket.gethostname())),
     ]
     warnings = "".join(f'<p class="warn">{_e(warning)}</p>' for warning in view.warnings)
+    callback_table = _callback_table(callbacks[:ROWS_SHOWN], now=view.now, several=several)
     parts = [
         "<!DOCTYPE html>",
         '<html lang="es"><head><meta charset="utf-8">',
@@ -205,10 +206,7 @@ def render_page(view: PanelView, *, nonce: str) -> str:
         _card("Callbacks desde el arranque", _counts(view.counts)),
         "</section>",
         _card("Callbacks por minuto, última hora", _plot(view)),
-        _card(
-            "Últimos callbacks recibidos",
-            _filter_form(view.deployment_filter) + _callback_table(callbacks[:ROWS_SHOWN], now=view.now, several=several),
-        ),
+        _card("Últimos callbacks recibidos", _filter_form(view.deployment_filter) + callback_table),
         _card("Últimas peticiones rechazadas", _refused_table(refused[:ROWS_SHOWN], now=view.now, several=several)),
         "</main></body></html>",
     ]
