@@ -22,7 +22,7 @@ from .activity import Activity
 from .endpoint import CallbackEndpoint
 from .logs import request_id_var
 from .openapi import install_openapi
-from .panel import panel_response, start_publisher
+from .panel import PANEL_OPENAPI, panel_response, start_publisher
 from .protocols import apply_test_timeouts
 from .responses import envelope, request_id_from
 from .runtime import Runtime, close_logging, ensure_logging
@@ -169,7 +169,12 @@ def _install_routes(app: FastAPI, runtime: Runtime, activity: Activity) -> None:
         body = await anyio.to_thread.run_sync(runtime.metrics.render)
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/panel", tags=["operación"], summary="Panel de operación (HTML), solo CALLBACK_ADMIN_ALLOWED_IPS")
+    @app.get(
+        "/panel",
+        tags=["operación"],
+        summary="Panel de operación (HTML), solo CALLBACK_ADMIN_ALLOWED_IPS",
+        **PANEL_OPENAPI,
+    )
     async def panel(request: Request) -> Response:
         return await panel_response(request, runtime, activity)
 

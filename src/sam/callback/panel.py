@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from . import __version__
 from .activity import MINUTES_KEPT, Activity, ActivityPublisher, CallbackEvent, ProcessActivity, RefusedEvent
@@ -36,6 +36,28 @@ _COMMON_HEADERS = {
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
+}
+
+# How the route is documented in /openapi.json: an HTML page, or the 403 envelope.
+PANEL_OPENAPI: dict[str, Any] = {
+    "response_class": HTMLResponse,
+    "responses": {
+        403: {
+            "description": "La dirección de origen no está en CALLBACK_ADMIN_ALLOWED_IPS",
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Envelope"}}},
+        }
+    },
+    "openapi_extra": {
+        "parameters": [
+            {
+                "name": "deploymentId",
+                "in": "query",
+                "required": False,
+                "description": "Muestra solo los callbacks cuyo deploymentId contiene este texto",
+                "schema": {"type": "string"},
+            }
+        ]
+    },
 }
 
 
@@ -92,7 +114,7 @@ async def panel_response(request: Request, runtime: Runtime, activity: Activity)
             "form-action 'self'; frame-ancestors 'none'"
         )
     }
-    return Response(render_page(view, nonce=nonce), media_type="text/html; charset=utf-8", headers=headers)
+    return HTMLResponse(render_page(view, nonce=nonce), headers=headers)
 
 
 def _ping(runtime: Runtime) -> None:
