@@ -206,6 +206,7 @@ class ActivityPublisher:
         published_seq = published_refused = -1.0
         published_at = 0.0
         seen_database: bool | None = None
+        failing = False
         while not self._stop.wait(PUBLISH_SECONDS):
             activity = self.activity
             database = self.database_available()
@@ -222,6 +223,10 @@ class ActivityPublisher:
             try:
                 activity.publish()
             except OSError as exc:
-                log.warning("Panel: no se pudo publicar la actividad de este proceso (%s)", exc)
+                # Once per spell of failures (a read-only folder would otherwise log every second).
+                if not failing:
+                    log.warning("Panel: no se pudo publicar la actividad de este proceso (%s)", exc)
+                failing = True
                 continue
+            failing = False
             published_seq, published_refused, published_at = last_seq, last_refused, now
