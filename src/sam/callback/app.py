@@ -18,9 +18,11 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .activity import Activity
 from .endpoint import CallbackEndpoint
 from .logs import request_id_var
 from .openapi import install_openapi
+from .panel import PANEL_OPENAPI, panel_response, start_publisher
 from .protocols import apply_test_timeouts
 from .responses import envelope, request_id_from
 from .runtime import Runtime, close_logging, ensure_logging
@@ -66,11 +68,11 @@ def _json(
 class CallbackApp(FastAPI):
     """FastAPI behind the callback endpoint: the hot path never enters the framework's stack."""
 
-    def __init__(self, *, runtime: Runtime, **kwargs: Any) -> None:
+    def __init__(self, *, runtime: Runtime, activity: Activity, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         # In front of FastAPI itself, not in its middleware list: that stack (error, telemetry
         # and body-limit middleware) costs more per callback than the callback's own work.
-        self.callback_endpoint = CallbackEndpoint(super().__call__, runtime=runtime)
+        self.callback_endpoint = CallbackEndpoint(super().__call__, runtime=runtime, activity=activity)
         # Read by protocols.py: uvicorn writes no access line for this path (the endpoint logs it).
         self.callback_path = runtime.settings.endpoint_path.rstrip("/")
 
@@ -82,6 +84,8 @@ class CallbackApp(FastAPI):
 def create_app(settings: Settings) -> FastAPI:
     """Build the ASGI application; nothing is opened until the lifespan starts."""
     runtime = Runtime.build(settings)
+    # The operator page's record of recent events; each process publishes its own next to the spool.
+    activity = Activity(folder=settings.spool_path.parent / "panel")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -90,6 +94,7 @@ def create_app(settings: Settings) -> FastAPI:
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.server_threads
         # Opening the database may block (a slow server, creating the SQLite schema): off the loop.
         await anyio.to_thread.run_sync(runtime.start)
+        publisher = start_publisher(activity, runtime)
         # Everything built so far (imports, app, engine) lives as long as the process. Left in the
         # collector, each full collection walked it all: a 40-50 ms pause of every request, a few
         # times a minute under load. Frozen, collections only walk what requests create.
@@ -99,12 +104,14 @@ def create_app(settings: Settings) -> FastAPI:
             yield
         finally:
             gc.unfreeze()
+            await anyio.to_thread.run_sync(publisher.stop)
             # Stopping joins the writer thread; do it off the loop so the loop stays responsive.
             await anyio.to_thread.run_sync(runtime.stop)
 
     docs = settings.docs_enabled
     app = CallbackApp(
         runtime=runtime,
+        activity=activity,
         title="sam-callback",
         version="1.0.0",
         summary="Receptor de callbacks de Automation Anywhere A360 para SAM",
@@ -116,7 +123,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.runtime = runtime
     app.add_middleware(RequestIdMiddleware)
     _install_error_handlers(app)
-    _install_routes(app, runtime)
+    _install_routes(app, runtime, activity)
     install_openapi(app, settings)
     return app
 
@@ -143,7 +150,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _json("internal_error", headers={"X-Request-ID": request_id_var.get()})
 
 
-def _install_routes(app: FastAPI, runtime: Runtime) -> None:
+def _install_routes(app: FastAPI, runtime: Runtime, activity: Activity) -> None:
     @app.get("/health", tags=["operación"], summary="Vivacidad del proceso")
     async def health() -> dict[str, Any]:
         return {
@@ -161,6 +168,15 @@ def _install_routes(app: FastAPI, runtime: Runtime) -> None:
     async def metrics() -> Response:
         body = await anyio.to_thread.run_sync(runtime.metrics.render)
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get(
+        "/panel",
+        tags=["operación"],
+        summary="Panel de operación (HTML), solo CALLBACK_ADMIN_ALLOWED_IPS",
+        **PANEL_OPENAPI,
+    )
+    async def panel(request: Request) -> Response:
+        return await panel_response(request, runtime, activity)
 
 
 async def _ready(runtime: Runtime) -> JSONResponse:

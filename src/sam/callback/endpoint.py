@@ -14,6 +14,7 @@ from .payload import PayloadError, parse_callback
 from .responses import request_id_from, send_envelope, send_recorded
 
 if TYPE_CHECKING:
+    from .activity import Activity
     from .runtime import Runtime
 
 log = logging.getLogger("sam.callback.http")
@@ -23,6 +24,7 @@ BODY_TIMEOUT_SECONDS = 30.0
 BODY_RECEIVED = "sam.body_received"
 _INFO = logging.INFO
 _JSON_TYPES = (b"application/json", b"text/plain")
+_REFUSED = frozenset({"unauthorized", "forbidden", "too_many_requests"})
 
 
 class _BodyTooLarge(Exception):
@@ -32,9 +34,10 @@ class _BodyTooLarge(Exception):
 class CallbackEndpoint:
     """ASGI middleware that answers the callback path itself and passes everything else on."""
 
-    def __init__(self, app: ASGIApp, *, runtime: Runtime) -> None:
+    def __init__(self, app: ASGIApp, *, runtime: Runtime, activity: Activity) -> None:
         self.app = app
         self.runtime = runtime
+        self.activity = activity
         self.path = runtime.settings.endpoint_path
         self._path = self.path.rstrip("/")
         self.max_body = runtime.settings.max_body_bytes
@@ -62,6 +65,8 @@ class CallbackEndpoint:
             await send_envelope(send, code, request_id)
         seconds = time.perf_counter() - started
         self.runtime.metrics.observe_callback(code=code, status=status, seconds=seconds)
+        if code not in _REFUSED:  # refused requests are noted with their reason where they are refused
+            self.activity.callback(deployment_id, status, code, client, request_id)
         if code != "too_many_requests":
             duration_ms = round(seconds * 1000, 1)
             fields = {"request_id": request_id, "client": client, "deploymentId": deployment_id,
@@ -87,6 +92,7 @@ class CallbackEndpoint:
         if not runtime.resolver.allowed_address(client):
             log.warning("Petición rechazada: la dirección %s no está en CALLBACK_ALLOWED_IPS", client)
             runtime.alerts.refused(client, 403, ("dirección fuera de CALLBACK_ALLOWED_IPS",))
+            self.activity.refused(client, "dirección fuera de CALLBACK_ALLOWED_IPS (403)")
             await send_envelope(send, "forbidden", request_id)
             return "forbidden", None, None
         verdict = runtime.authenticator.check(
@@ -144,6 +150,7 @@ class CallbackEndpoint:
         runtime = self.runtime
         runtime.metrics.auth_failures.labels(failure_label(reasons)).inc()
         throttled, retry_after = runtime.throttle.fail(client)
+        self.activity.refused(client, ("limitado (429): " if throttled else "") + "; ".join(reasons))
         if throttled:
             runtime.note_throttled(client)
             runtime.alerts.refused(client, 429, reasons)

@@ -104,6 +104,7 @@ class Settings(BaseSettings):
     match_window_seconds: int = Field(86400, ge=0, validation_alias=AliasChoices("CALLBACK_MATCH_WINDOW_SECONDS"))
     docs_enabled: bool = Field(True, validation_alias=AliasChoices("CALLBACK_DOCS_ENABLED"))
     allowed_ips: str = Field("", validation_alias=AliasChoices("CALLBACK_ALLOWED_IPS"))
+    admin_allowed_ips: str = Field("127.0.0.1/8, ::1", validation_alias=AliasChoices("CALLBACK_ADMIN_ALLOWED_IPS"))
     trusted_proxies: str = Field("", validation_alias=AliasChoices("CALLBACK_TRUSTED_PROXIES"))
     auth_failures_limit: int = Field(30, ge=0, validation_alias=AliasChoices("CALLBACK_AUTH_FAILURES_LIMIT"))
     ssl_certfile: Path | None = _alias("CALLBACK_SSL_CERTFILE")
@@ -183,6 +184,11 @@ class Settings(BaseSettings):
         return parse_networks(self.allowed_ips)
 
     @property
+    def admin_allowed_networks(self) -> list[IPNetwork]:
+        """Networks that may open the operator page; empty means nobody."""
+        return parse_networks(self.admin_allowed_ips)
+
+    @property
     def trusted_proxy_networks(self) -> list[IPNetwork]:
         """Peers whose X-Forwarded-For is believed."""
         return parse_networks(self.trusted_proxies)
@@ -206,6 +212,7 @@ class Settings(BaseSettings):
         for name, value in (
             ("CALLBACK_ALLOWED_IPS", self.allowed_ips),
             ("CALLBACK_TRUSTED_PROXIES", self.trusted_proxies),
+            ("CALLBACK_ADMIN_ALLOWED_IPS", self.admin_allowed_ips),
         ):
             for part in _split(value):
                 try:

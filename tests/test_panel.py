@@ -1,0 +1,298 @@
+"""The operator page: opened in a real headless Chromium against a real server, after real callbacks."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from collections.abc import Callable
+from html.parser import HTMLParser
+from pathlib import Path
+
+import httpx
+from fastapi.testclient import TestClient
+
+from sam.callback.app import create_app
+from sam.callback.settings import Settings
+from tests.utils import TOKEN, Keys, ServerProcess, auth_headers, insert_run, require_service, wait_for
+
+CLIENT_ID = "cliente-apigw-del-panel-7f3a"
+WRONG_TOKEN = "token-equivocado-del-panel-91b2"
+HOSTILE_ID = '"><img src=x onerror=document.title=1>'
+SCRIPT_ID = "<script>document.title=2</script>"
+HOSTILE_STATUS = "<b>NEGRITA</b>"
+TITLE = "sam-callback · panel"
+# Headless, and nothing of its own on the network (no updates, sync or background requests).
+CHROMIUM_OPTIONS = (
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+)  # fmt: skip
+
+
+class Page(HTMLParser):
+    """What a person reads on the page: titles, label/value pairs and table rows per section."""
+
+    def __init__(self, html: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+        self.pairs: dict[str, dict[str, str]] = {}
+        self.rows: dict[str, list[list[str]]] = {}
+        self.title = ""
+        self._section = ""
+        self._open: str | None = None
+        self._text = ""
+        self._label = ""
+        self._row: list[str] | None = None
+        self.feed(html)
+
+    @property
+    def text(self) -> str:
+        """Every label, value and cell, joined."""
+        values = [f"{k} {v}" for pairs in self.pairs.values() for k, v in pairs.items()]
+        cells = [cell for rows in self.rows.values() for row in rows for cell in row]
+        return "\n".join([*values, *cells])
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, dict(attrs)))
+        if tag in ("h2", "dt", "dd", "td", "title"):
+            self._open, self._text = tag, ""
+        elif tag == "tr":
+            self._row = []
+
+    def handle_data(self, data: str) -> None:
+        if self._open:
+            self._text += data
+
+    def handle_endtag(self, tag: str) -> None:
+        text = " ".join(self._text.split())
+        if tag == "title" and self._open == "title" and not self.title:  # the document's, not an SVG bar's
+            self.title = text
+        elif tag == "h2":
+            self._section = text
+        elif tag == "dt":
+            self._label = text
+        elif tag == "dd":
+            self.pairs.setdefault(self._section, {})[self._label] = text
+        elif tag == "td" and self._row is not None:
+            self._row.append(self._text.strip())
+        elif tag == "tr" and self._row:
+            self.rows.setdefault(self._section, []).append(self._row)
+            self._row = None
+        if tag == self._open:
+            self._open = None
+
+
+def chromium(tmp_path: Path, url: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    """Run Debian's headless Chromium on `url`; skip (fail under CI) when it is not installed."""
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")
+    if executable is None:
+        require_service("Chromium", "no se encuentra el ejecutable 'chromium' (apt-get install chromium)")
+    assert executable is not None
+    profile = tmp_path / f"chromium-{len(list(tmp_path.glob('chromium-*')))}"
+    return subprocess.run(
+        [executable, *CHROMIUM_OPTIONS, f"--user-data-dir={profile}", *extra, url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def open_in_browser(tmp_path: Path, url: str) -> tuple[str, Page]:
+    """The DOM Chromium built from the page, after it loaded (and after any script could run)."""
+    result = chromium(tmp_path, url, "--dump-dom")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "<html" in result.stdout, result.stderr[-2000:]
+    return result.stdout, Page(result.stdout)
+
+
+def post(server: ServerProcess, deployment_id: str, status: str = "RUN_COMPLETED", **headers: str) -> httpx.Response:
+    """One callback on its own connection, as A360 sends it."""
+    return httpx.post(
+        server.callback_url,
+        json={"deploymentId": deployment_id, "status": status},
+        headers=auth_headers() | headers,
+        timeout=30,
+    )
+
+
+def assert_self_contained(page: Page) -> None:
+    """Nothing on the page points at another host: no scripts, images, frames or styles from outside."""
+    for tag, attrs in page.tags:
+        for name in ("src", "href", "action", "srcset", "data", "formaction"):
+            value = (attrs.get(name) or "").strip().lower()
+            assert not re.match(r"^([a-z][a-z0-9+.-]*:|//)", value) or value.startswith("#"), (tag, name, value)
+        assert tag not in ("script", "iframe", "object", "embed", "img", "link"), tag
+
+
+def test_browser_shows_callbacks_counts_and_refusals_without_credentials(
+    server_factory: Callable[..., ServerProcess], tmp_path: Path, keys: Keys
+) -> None:
+    """After real callbacks, Chromium shows their ids, the counts and the refusals, and no credential."""
+    for deployment_id in ("panel-run-1", "panel-run-2"):
+        insert_run(f"sqlite:///{(tmp_path / 'sam.db').as_posix()}", deployment_id)
+    server = server_factory(JWT_PUBLIC_KEY=keys.public_pem, API_GATEWAY_CLIENT_ID=CLIENT_ID).start()
+    assert post(server, "panel-run-1").json()["code"] == "updated"
+    assert post(server, "panel-run-2", "RUN_FAILED").json()["code"] == "updated"
+    assert post(server, "panel-early-3").json()["code"] == "pending_match"
+    expired = keys.token(expires_in=-3600)
+    refused = post(
+        server, "panel-refused-4", **{"X-Authorization": WRONG_TOKEN, "Authorization": f"Bearer {expired}",
+                                     "x-ibm-client-id": CLIENT_ID},
+    )  # fmt: skip
+    assert refused.status_code == 401
+
+    answer = httpx.get(server.base_url + "/panel", timeout=30)
+    assert answer.status_code == 200
+    assert answer.headers["content-type"].startswith("text/html")
+    csp = answer.headers["content-security-policy"]
+    assert "frame-ancestors 'none'" in csp and "default-src 'none'" in csp
+    assert answer.headers["x-frame-options"] == "DENY"
+    assert "no-store" in answer.headers["cache-control"]
+
+    html, page = open_in_browser(tmp_path, server.base_url + "/panel")
+    assert page.title == TITLE
+    rows = {row[1]: row for row in page.rows["Últimos callbacks recibidos"]}
+    assert rows["panel-run-1"][2:5] == ["RUN_COMPLETED", "updated", "127.0.0.1"]
+    assert rows["panel-run-2"][2:4] == ["RUN_FAILED", "updated"]
+    assert rows["panel-early-3"][3] == "pending_match"
+    assert "panel-refused-4" not in html
+    assert page.pairs["Callbacks desde el arranque"] == {"updated": "2", "pending_match": "1", "unauthorized": "1",
+                                                         "total": "4"}  # fmt: skip
+    assert page.pairs["Spool"]["Esperando su ejecución"] == "1"
+    assert page.pairs["Estado"]["Base de datos"].startswith("responde")
+    assert page.pairs["Estado"]["Autenticación"] == "optional"
+    [refusal] = page.rows["Últimas peticiones rechazadas"]
+    assert refusal[1] == "127.0.0.1"
+    assert "token estático incorrecto" in refusal[2] and "caducado" in refusal[2]
+    for secret in (TOKEN, WRONG_TOKEN, CLIENT_ID, expired, expired.split(".")[1]):
+        assert secret not in html
+        assert secret not in answer.text
+    assert_self_contained(page)
+
+
+def test_hostile_values_render_as_text_and_run_nothing(
+    server_factory: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    """HTML and script in a deploymentId or status from an authenticated caller are shown, not obeyed."""
+    server = server_factory().start()
+    assert post(server, HOSTILE_ID).status_code == 202
+    assert post(server, SCRIPT_ID, HOSTILE_STATUS).status_code == 202
+
+    _, page = open_in_browser(tmp_path, server.base_url + "/panel")
+    # The payloads set the title if they ever run.
+    assert page.title == TITLE
+    shown = {row[1]: row for row in page.rows["Últimos callbacks recibidos"]}
+    assert HOSTILE_ID in shown
+    assert shown[SCRIPT_ID][2].upper() == HOSTILE_STATUS.upper()
+    assert_self_contained(page)
+    assert not [tag for tag, _ in page.tags if tag in ("b", "img", "script")]
+    filtered = httpx.get(server.base_url + "/panel", params={"deploymentId": "<script>"}, timeout=30)
+    assert "&lt;script&gt;" in filtered.text and "<script>" not in filtered.text
+
+
+def test_an_address_outside_the_admin_list_gets_403(server_factory: Callable[..., ServerProcess]) -> None:
+    """With CALLBACK_ADMIN_ALLOWED_IPS excluding loopback, the page is refused with the JSON envelope."""
+    server = server_factory(CALLBACK_ADMIN_ALLOWED_IPS="10.0.0.0/8").start()
+    answer = httpx.get(server.base_url + "/panel", timeout=30)
+    assert answer.status_code == 403
+    assert answer.json()["code"] == "forbidden"
+    assert "CALLBACK_ADMIN_ALLOWED_IPS" in answer.json()["message"]
+    assert "<html" not in answer.text
+    # The callback path is not affected by the admin list.
+    assert post(server, "panel-403-callback").status_code == 202
+
+
+def test_several_processes_all_appear(server_factory: Callable[..., ServerProcess], tmp_path: Path) -> None:
+    """With two worker processes the page lists callbacks received by both, and sums their counts."""
+    server = server_factory(CALLBACK_SERVER_WORKERS="2")
+    # Two fresh interpreters import the whole stack: on a loaded machine that takes a while.
+    server.start(wait=False)
+    wait_for(server._healthy, timeout=120, what="arranque de los dos workers")
+    sent: list[str] = []
+
+    def both_workers_shown() -> bool:
+        deployment_id = f"panel-worker-{len(sent)}"
+        assert post(server, deployment_id).status_code == 202
+        sent.append(deployment_id)
+        page = Page(httpx.get(server.base_url + "/panel", timeout=30).text)
+        rows = page.rows.get("Últimos callbacks recibidos", [])
+        return len({row[-1] for row in rows if row[1] in sent}) == 2 and {row[1] for row in rows} >= set(sent)
+
+    wait_for(both_workers_shown, timeout=60, interval=0.2, what="callbacks de los dos procesos en el panel")
+    _, page = open_in_browser(tmp_path, server.base_url + "/panel")
+    rows = page.rows["Últimos callbacks recibidos"]
+    assert {row[1] for row in rows} == set(sent)
+    assert len({row[-1] for row in rows}) == 2
+    assert len(page.pairs["Estado"]["Procesos"].split(",")) == 2
+    assert page.pairs["Callbacks desde el arranque"]["total"] == str(len(sent))
+
+
+def test_two_instances_on_one_spool_show_each_other(
+    server_factory: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    """Two services sharing a spool folder each list the callbacks the other received."""
+    first, second = server_factory().start(), server_factory().start()
+    assert post(first, "panel-instance-first").status_code == 202
+    assert post(second, "panel-instance-second").status_code == 202
+
+    def both_listed(server: ServerProcess) -> set[str]:
+        page = Page(httpx.get(server.base_url + "/panel", timeout=30).text)
+        rows = page.rows.get("Últimos callbacks recibidos", [])
+        if not {row[1] for row in rows} >= {"panel-instance-first", "panel-instance-second"}:
+            return set()
+        return {row[-1] for row in rows}
+
+    pids = wait_for(lambda: both_listed(first), what="los callbacks de la otra instancia en el panel")
+    assert pids == {str(first.process.pid), str(second.process.pid)}  # type: ignore[union-attr]
+    wait_for(lambda: both_listed(second), what="los callbacks de la primera instancia en el panel")
+    # A stopped instance removes its record: its callbacks leave the other's page.
+    assert second.stop() == 0
+    _, page = open_in_browser(tmp_path, first.base_url + "/panel")
+    assert [row[1] for row in page.rows["Últimos callbacks recibidos"]] == ["panel-instance-first"]
+
+
+def _client(settings: Settings, address: str) -> TestClient:
+    return TestClient(create_app(settings), client=(address, 50000))
+
+
+def test_forwarded_address_counts_only_from_a_trusted_proxy(make_settings: Callable[..., Settings]) -> None:
+    """The admin list applies to the client behind a trusted proxy, and ignores others' X-Forwarded-For."""
+    settings = make_settings(admin_allowed_ips="10.0.0.0/8", trusted_proxies="127.0.0.1")
+    with _client(settings, "127.0.0.1") as client:
+        assert client.get("/panel", headers={"X-Forwarded-For": "10.1.2.3"}).status_code == 200
+        assert client.get("/panel", headers={"X-Forwarded-For": "192.168.1.9"}).status_code == 403
+        assert client.get("/panel").status_code == 403
+    with _client(settings, "192.168.1.9") as client:
+        assert client.get("/panel", headers={"X-Forwarded-For": "10.1.2.3"}).status_code == 403
+
+
+def test_filter_by_deployment_id_and_plot(make_settings: Callable[..., Settings]) -> None:
+    """The filter keeps the matching callbacks only; the plot counts this minute's callbacks."""
+    with _client(make_settings(), "127.0.0.1") as client:
+        for deployment_id in ("filtro-A-1", "filtro-A-2", "otro-B-3"):
+            client.post("/api/callback", json={"deploymentId": deployment_id, "status": "RUNNING"},
+                        headers=auth_headers())  # fmt: skip
+        page = Page(client.get("/panel", params={"deploymentId": "a-"}).text)
+        assert [row[1] for row in page.rows["Últimos callbacks recibidos"]] == ["filtro-A-2", "filtro-A-1"]
+        whole = client.get("/panel").text
+        assert 'aria-label="Callbacks por minuto; máximo 3"' in whole
+
+
+def test_a_bad_admin_list_stops_the_start(make_settings: Callable[..., Settings]) -> None:
+    """A value that is not an address or range is one readable problem at start."""
+    problems = make_settings(admin_allowed_ips="127.0.0.1, intranet").problems()
+    assert problems == ["CALLBACK_ADMIN_ALLOWED_IPS: 'intranet' no es una dirección IP ni un rango CIDR válido"]
+
+
+def test_the_page_is_not_framable_and_not_cached(make_settings: Callable[..., Settings]) -> None:
+    """Headers forbid framing and caching; the inline style is allowed by its nonce, nothing else is."""
+    with _client(make_settings(), "::1") as client:
+        answer = client.get("/panel")
+    assert answer.status_code == 200
+    csp = dict(part.strip().split(" ", 1) for part in answer.headers["content-security-policy"].split(";"))
+    assert csp["frame-ancestors"] == "'none'" and csp["default-src"] == "'none'"
+    nonce = re.search(r"'nonce-([^']+)'", csp["style-src"])
+    assert nonce is not None and f'<style nonce="{nonce.group(1)}">' in answer.text
+    assert answer.headers["x-frame-options"] == "DENY"
+    assert answer.headers["cache-control"] == "no-store"
