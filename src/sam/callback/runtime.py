@@ -11,6 +11,7 @@ from .logs import LoggingHandle, secrets_of, setup_logging
 from .metrics import Metrics
 from .network import ClientAddressResolver
 from .recorder import Recorder, RecorderEvents
+from .rejected import RejectedStore
 from .repository import Repository, display_url, make_engine
 from .settings import Settings
 from .spool import Spool, SpoolError, SpoolStats
@@ -47,6 +48,7 @@ class Runtime:
     throttle: FailureThrottle
     spool: Spool
     metrics: Metrics
+    rejected: RejectedStore
     repository: Repository | None = None
     recorder_: Recorder | None = None
     logging_handle: LoggingHandle | None = None
@@ -66,6 +68,7 @@ class Runtime:
             throttle=FailureThrottle(settings.auth_failures_limit),
             spool=spool,
             metrics=Metrics(spool.stats),
+            rejected=RejectedStore(settings.spool_path, max_entries=settings.rejected_max),
         )
 
     @property
@@ -113,6 +116,7 @@ class Runtime:
             self.recorder_.stop()
             self.recorder_ = None
         self.spool.close()
+        self.rejected.close()
         if self.repository is not None:
             self.repository.dispose()
         log.info("sam-callback detenido")
@@ -125,6 +129,13 @@ class Runtime:
             return self.spool.stats()
         except SpoolError:
             return None
+
+    def on_rejected(self, *, seq: int, client: str, reason: str, deployment_id: str | None) -> None:
+        """An authenticated callback was refused and its body kept: say where to read it."""
+        log.warning(
+            "Callback rechazado guardado n.º %d cliente=%s deploymentId=%s motivo=%s; véalo con `sam-callback spool show %d`",
+            seq, client, deployment_id or "-", reason, seq,
+        )  # fmt: skip
 
     def note_throttled(self, client: str) -> None:
         """Count a throttled failure; log a summary at most once a minute instead of each one."""
