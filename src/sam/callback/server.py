@@ -24,6 +24,7 @@ log = logging.getLogger("sam.callback")
 
 GRACEFUL_SHUTDOWN_SECONDS = 30
 KEEP_ALIVE_SECONDS = 5
+WORKER_HEALTHCHECK_SECONDS = 30
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
@@ -65,7 +66,7 @@ def serve(settings: Settings) -> int:
     try:
         if settings.server_workers > 1:
             return _serve_workers(settings)
-        config = uvicorn.Config(create_app(settings), **uvicorn_options(settings))
+        config = uvicorn.Config(create_app(settings, watch_credentials=True), **uvicorn_options(settings))
         server = uvicorn.Server(config)
         _ignore_stop_signals()
         server.run()
@@ -109,6 +110,10 @@ def _serve_workers(settings: Settings) -> int:
             "sam.callback.app:app_from_environment",
             factory=True,
             workers=settings.server_workers,
+            # uvicorn kills a worker that has not answered its health check within this time, and
+            # starts another: 5 s (its default) is shorter than a cold start on a busy or
+            # antivirus-scanned machine, which then never gets a worker up at all.
+            timeout_worker_healthcheck=WORKER_HEALTHCHECK_SECONDS,
             **uvicorn_options(settings),
         )
         return 0
