@@ -166,7 +166,7 @@ class ServerProcess:
                 stderr=subprocess.STDOUT,
             )
         if wait:
-            wait_for(self._healthy, timeout=30, what=f"arranque del servidor en {self.base_url}")
+            wait_for(self._healthy, timeout=90, what=f"arranque del servidor en {self.base_url}")
         return self
 
     def _healthy(self) -> bool:

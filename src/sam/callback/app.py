@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
+import functools
 import gc
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -81,8 +84,14 @@ class CallbackApp(FastAPI):
         await self.callback_endpoint(scope, receive, send)
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """Build the ASGI application; nothing is opened until the lifespan starts."""
+def create_app(settings: Settings, *, watch_credentials: bool = False) -> FastAPI:
+    """Build the ASGI application; nothing is opened until the lifespan starts.
+
+    Args:
+        settings: the configuration to serve with.
+        watch_credentials: re-read credentials from `.env` and the key file while serving (SPEC 11);
+            only for settings that came from the environment, as `serve` builds them.
+    """
     runtime = Runtime.build(settings)
     # The operator page's record of recent events; each process publishes its own next to the spool.
     activity = Activity(folder=settings.spool_path.parent / "panel")
@@ -95,6 +104,9 @@ def create_app(settings: Settings) -> FastAPI:
         # Opening the database may block (a slow server, creating the SQLite schema): off the loop.
         await anyio.to_thread.run_sync(runtime.start)
         publisher = start_publisher(activity, runtime)
+        if watch_credentials:
+            runtime.watch_credentials()
+            _reload_on_sighup(runtime)
         # Everything built so far (imports, app, engine) lives as long as the process. Left in the
         # collector, each full collection walked it all: a 40-50 ms pause of every request, a few
         # times a minute under load. Frozen, collections only walk what requests create.
@@ -126,6 +138,22 @@ def create_app(settings: Settings) -> FastAPI:
     _install_routes(app, runtime, activity)
     install_openapi(app, settings)
     return app
+
+
+def _reload_on_sighup(runtime: Runtime) -> None:
+    # POSIX only: Windows has no SIGHUP, and polling notices the change within seconds there.
+    if not hasattr(signal, "SIGHUP"):
+        return
+    loop = asyncio.get_running_loop()
+    reloader = runtime.reloader
+    if reloader is None:
+        return
+
+    def reload_now() -> None:
+        loop.run_in_executor(None, functools.partial(reloader.check, force=True))
+
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        loop.add_signal_handler(signal.SIGHUP, reload_now)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -253,4 +281,4 @@ def app_from_environment() -> FastAPI:
     # In a worker process uvicorn logs before the lifespan starts ("Started server process");
     # configure logging now so those lines reach the file, and flush it when the worker exits.
     atexit.register(close_logging, ensure_logging(settings))
-    return create_app(settings)
+    return create_app(settings, watch_credentials=True)

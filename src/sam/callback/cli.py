@@ -44,7 +44,12 @@ def _parser() -> argparse.ArgumentParser:
     spool_list.add_argument(
         "--refused", action="store_true", help="solo los rechazados por la base de datos de forma permanente"
     )
+    spool_list.add_argument("--rejected", action="store_true", help="los callbacks rechazados (400/415) guardados")
     spool_list.add_argument("--json", action="store_true", help="salida JSON")
+    spool_show = spool_commands.add_parser("show", help="muestra un callback rechazado completo, con su cuerpo")
+    spool_show.add_argument(
+        "seq", type=int, help="número del callback rechazado (columna 1 de `spool list --rejected`)"
+    )
     spool_retry = spool_commands.add_parser(
         "retry", help="los reintenta ya (los no emparejados reciben una nueva ventana)"
     )
@@ -52,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     spool_retry.add_argument("--refused", action="store_true", help="solo los rechazados por la base de datos")
     purge = spool_commands.add_parser("purge", help="borra callbacks del spool")
     purge.add_argument("--all", action="store_true", help="todos, no solo los no emparejados")
+    purge.add_argument("--rejected", action="store_true", help="vacía los callbacks rechazados guardados")
     purge.add_argument("--older-than-days", type=float, default=None, help="solo los recibidos hace más de N días")
     purge.add_argument("--yes", action="store_true", help="confirma el borrado")
     commands.add_parser(
@@ -148,6 +154,8 @@ def _send(settings: Settings, args: argparse.Namespace) -> int:
 def _spool(settings: Settings, args: argparse.Namespace) -> int:
     from .spool import Spool, SpoolError
 
+    if args.spool_command == "show" or getattr(args, "rejected", False):
+        return _rejected(settings, args)
     spool = Spool(settings.spool_path)
     try:
         if args.spool_command == "list":
@@ -187,6 +195,60 @@ def _spool(settings: Settings, args: argparse.Namespace) -> int:
         return EXIT_FAILED
     finally:
         spool.close()
+
+
+def _rejected(settings: Settings, args: argparse.Namespace) -> int:
+    from .rejected import RejectedStore, RejectedStoreError
+
+    store = RejectedStore(settings.spool_path, max_entries=settings.rejected_max)
+    try:
+        if args.spool_command == "list":
+            entries = store.entries()
+            if args.json:
+                print(json.dumps([_rejected_dict(e) for e in entries], ensure_ascii=False, indent=2))
+                return EXIT_OK
+            print(f"Callbacks rechazados guardados en {settings.spool_path}: {len(entries)}")
+            for e in entries:
+                print(
+                    f"{e.seq:>8}  {_when(e.received_at)}  {e.client}  {e.deployment_id or '-'}  {e.reason}  request_id={e.request_id}"
+                )
+            return EXIT_OK
+        if args.spool_command == "show":
+            entry = store.get(args.seq)
+            if entry is None:
+                print(f"No hay ningún callback rechazado con el número {args.seq}", file=sys.stderr)
+                return EXIT_FAILED
+            print(f"Número:        {entry.seq}")
+            print(f"Recibido:      {_when(entry.received_at)}")
+            print(f"Cliente:       {entry.client}")
+            print(f"request_id:    {entry.request_id}")
+            print(f"Respuesta:     {entry.code}")
+            print(f"Motivo:        {entry.reason}")
+            print(f"Content-Type:  {entry.content_type or '-'}")
+            print(f"deploymentId:  {entry.deployment_id or '-'}")
+            print("Cuerpo recibido:")
+            print(entry.body_text())
+            return EXIT_OK
+        if args.spool_command == "purge":
+            if not args.yes:
+                print("El borrado es definitivo: repita con --yes para confirmarlo", file=sys.stderr)
+                return EXIT_FAILED
+            print(f"{store.purge()} callbacks rechazados borrados")
+            return EXIT_OK
+        print("--rejected solo vale para list y purge", file=sys.stderr)
+        return EXIT_FAILED
+    except RejectedStoreError as exc:
+        print(f"Error del spool: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        store.close()
+
+
+def _rejected_dict(entry: object) -> dict[str, object]:
+    data = _entry_dict(entry)
+    body = data.pop("body", b"")
+    data["body"] = body.decode("utf-8", errors="backslashreplace") if isinstance(body, bytes) else body
+    return data
 
 
 def _status(settings: Settings, args: argparse.Namespace) -> int:

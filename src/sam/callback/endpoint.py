@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from typing import TYPE_CHECKING
 
+import anyio.to_thread
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .logs import log_fields, request_id_var
 from .payload import PayloadError, parse_callback
+from .rejected import RejectedStoreError
 from .responses import request_id_from, send_envelope, send_recorded
 
 if TYPE_CHECKING:
@@ -110,9 +113,7 @@ class CallbackEndpoint:
                 "; ".join(verdict.reasons),
             )
         content_type = headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
-        if content_type and content_type not in _JSON_TYPES and not content_type.endswith(b"+json"):
-            await send_envelope(send, "unsupported_media_type", request_id)
-            return "unsupported_media_type", None, None
+        unsupported = bool(content_type) and content_type not in _JSON_TYPES and not content_type.endswith(b"+json")
         try:
             body = await self._read_body(scope, receive, headers.get(b"content-length"))
         except _BodyTooLarge:
@@ -126,6 +127,12 @@ class CallbackEndpoint:
             return "request_timeout", None, None
         if body is None:
             return "client_disconnected", None, None
+        if unsupported:
+            # Authenticated, so the body is kept: A360 will not send it again (SPEC 10).
+            reason = f"tipo de contenido no admitido: {_text(content_type)}"
+            await self._keep_rejected(body, request_id, client, "unsupported_media_type", reason, headers, None)
+            await send_envelope(send, "unsupported_media_type", request_id)
+            return "unsupported_media_type", None, None
         try:
             callback = parse_callback(body)
         except PayloadError as exc:
@@ -134,6 +141,8 @@ class CallbackEndpoint:
                 client,
                 exc.details,
             )
+            reason = "; ".join(f"{detail['field']}: {detail['problem']}" for detail in exc.details)
+            await self._keep_rejected(body, request_id, client, "invalid_payload", reason, headers, None)
             await send_envelope(send, "invalid_payload", request_id, details=exc.details)
             return "invalid_payload", None, None
         code = await runtime.recorder.submit(callback, request_id)
@@ -145,6 +154,37 @@ class CallbackEndpoint:
         else:
             await send_recorded(send, code, request_id, callback.deployment_id)
         return code, callback.deployment_id, callback.status
+
+    async def _keep_rejected(
+        self,
+        body: bytes,
+        request_id: str,
+        client: str,
+        code: str,
+        reason: str,
+        headers: dict[bytes, bytes],
+        deployment_id: str | None,
+    ) -> None:
+        """Keep an authenticated body the service refused; failing to keep it never changes the answer."""
+        try:
+            seq = await anyio.to_thread.run_sync(
+                functools.partial(
+                    self.runtime.rejected.add,
+                    body=body,
+                    request_id=request_id,
+                    client=client,
+                    code=code,
+                    reason=reason,
+                    content_type=_text(headers.get(b"content-type")) or "",
+                    deployment_id=deployment_id,
+                )
+            )
+        except RejectedStoreError as exc:
+            log.error("No se pudo guardar el callback rechazado request_id=%s: %s", request_id, exc)
+            return
+        self.runtime.on_rejected(
+            seq=seq, client=client, reason=reason, deployment_id=deployment_id, request_id=request_id
+        )
 
     async def _refuse(self, send: Send, request_id: str, client: str, reasons: tuple[str, ...]) -> str:
         runtime = self.runtime

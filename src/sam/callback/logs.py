@@ -56,6 +56,11 @@ class RedactingFilter(logging.Filter):
         super().__init__()
         self.secrets = sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True)
 
+    def add_secrets(self, secrets: Iterable[str]) -> None:
+        """Mask these values too; earlier ones stay masked (an old token is still a secret)."""
+        merged = set(self.secrets) | {s for s in secrets if s and len(s) >= 4}
+        self.secrets = sorted(merged, key=len, reverse=True)
+
     def redact(self, text: str) -> str:
         """Mask known secrets and secret-shaped substrings."""
         for secret in self.secrets:
@@ -230,6 +235,13 @@ class LoggingHandle:
         self.access_filter = access_filter
         self.closed = False
         self._record_flags = (logging.logThreads, logging.logMultiprocessing)
+
+    def add_secrets(self, secrets: Iterable[str]) -> None:
+        """Mask more values in every record from now on."""
+        values = list(secrets)
+        for record_filter in self.queue_handler.filters:
+            if isinstance(record_filter, RedactingFilter):
+                record_filter.add_secrets(values)
 
     def close(self) -> None:
         """Flush queued records and close the files; a second call does nothing."""

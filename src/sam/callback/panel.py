@@ -19,6 +19,7 @@ from . import __version__
 from .activity import MINUTES_KEPT, Activity, ActivityPublisher, CallbackEvent, ProcessActivity, RefusedEvent
 from .logs import request_id_var
 from .network import in_networks
+from .rejected import RejectedStoreError
 from .responses import envelope
 
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ class PanelView:
     auth_mode: str
     warnings: list[str]
     spool: SpoolStats | None
+    rejected: int | None
     counts: dict[str, int]
     processes: list[ProcessActivity]
     deployment_filter: str
@@ -148,10 +150,18 @@ def _gather(runtime: Runtime, activity: Activity, database_error: str | None, de
         auth_mode=runtime.settings.auth_mode,
         warnings=warnings,
         spool=stats,
+        rejected=_rejected_count(runtime),
         counts=counts,
         processes=[activity.snapshot(), *activity.others()],
         deployment_filter=deployment_filter,
     )
+
+
+def _rejected_count(runtime: Runtime) -> int | None:
+    try:
+        return runtime.rejected.count()
+    except RejectedStoreError:
+        return None
 
 
 def _e(value: Any) -> str:
@@ -256,15 +266,10 @@ def _spool(view: PanelView) -> str:
         ("El más antiguo", _e(oldest)),
         ("Sin emparejar", _number(stats.unmatched)),
     ]
-    # Kinds that other parts of the service may add to the spool; shown when present.
-    refused = getattr(stats, "refused", None)
-    if refused is not None:
-        error = getattr(stats, "refused_error", None)
-        detail = f" <small>{_e(error)}</small>" if refused and error else ""
-        rows.append(("Rechazados por la base de datos", _number(refused) + detail))
-    rejected = getattr(stats, "rejected", None)
-    if rejected is not None:
-        rows.append(("Rechazados (cuerpo no válido)", _number(rejected)))
+    detail = f" <small>{_e(stats.refused_error)}</small>" if stats.refused and stats.refused_error else ""
+    rows.append(("Rechazados por la base de datos", _number(stats.refused) + detail))
+    if view.rejected is not None:
+        rows.append(("Rechazados por cuerpo no válido (spool list --rejected)", _number(view.rejected)))
     return _pairs(rows)
 
 

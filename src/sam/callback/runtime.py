@@ -12,8 +12,10 @@ from .logs import LoggingHandle, secrets_of, setup_logging
 from .metrics import Metrics
 from .network import ClientAddressResolver
 from .recorder import Recorder, RecorderEvents
+from .rejected import RejectedStore
+from .reload import CredentialReloader
 from .repository import Repository, display_url, make_engine
-from .settings import Settings
+from .settings import Settings, load_settings
 from .spool import Spool, SpoolError, SpoolStats
 
 log = logging.getLogger("sam.callback")
@@ -28,6 +30,12 @@ def ensure_logging(settings: Settings) -> LoggingHandle | None:
         return None
     _active_logging = setup_logging(settings, secrets_of(settings))
     return _active_logging
+
+
+def add_log_secrets(values: list[str]) -> None:
+    """Mask these values too from now on (credentials reloaded while serving)."""
+    if _active_logging is not None:
+        _active_logging.add_secrets(values)
 
 
 def close_logging(handle: LoggingHandle | None) -> None:
@@ -49,9 +57,11 @@ class Runtime:
     spool: Spool
     metrics: Metrics
     alerts: Alerts
+    rejected: RejectedStore
     repository: Repository | None = None
     recorder_: Recorder | None = None
     logging_handle: LoggingHandle | None = None
+    reloader: CredentialReloader | None = None
     throttled_since_log: dict[str, int] = field(default_factory=dict)
     last_throttle_log: float = 0.0
 
@@ -69,6 +79,7 @@ class Runtime:
             spool=spool,
             metrics=Metrics(spool.stats),
             alerts=Alerts(settings, spool=spool, secrets=secrets_of(settings)),
+            rejected=RejectedStore(settings.spool_path, max_entries=settings.rejected_max),
         )
 
     @property
@@ -117,13 +128,32 @@ class Runtime:
             settings.endpoint_path, settings.auth_mode, display_url(engine.url), settings.spool_path,
         )  # fmt: skip
 
+    def watch_credentials(self) -> None:
+        """Re-read credentials from .env and the key file while serving (SPEC 11)."""
+        self.reloader = CredentialReloader(self.settings, load=load_settings, apply=self.apply_credentials)
+        self.reloader.start()
+
+    def apply_credentials(self, settings: Settings) -> None:
+        """Swap in the authenticator and allowlist of `settings`; ConfigError leaves the old ones."""
+        authenticator = Authenticator(settings)
+        resolver = ClientAddressResolver(
+            allowed=settings.allowed_networks, trusted_proxies=settings.trusted_proxy_networks
+        )
+        add_log_secrets(secrets_of(settings))
+        # Each is one attribute read per request: a request sees the old pair or the new one.
+        self.authenticator, self.resolver, self.settings = authenticator, resolver, settings
+
     def stop(self) -> None:
         """Finish pending writes and close everything."""
+        if self.reloader is not None:
+            self.reloader.stop()
+            self.reloader = None
         if self.recorder_ is not None:
             self.recorder_.stop()
             self.recorder_ = None
         self.alerts.stop()
         self.spool.close()
+        self.rejected.close()
         if self.repository is not None:
             self.repository.dispose()
         log.info("sam-callback detenido")
@@ -136,6 +166,14 @@ class Runtime:
             return self.spool.stats()
         except SpoolError:
             return None
+
+    def on_rejected(self, *, seq: int, client: str, reason: str, deployment_id: str | None, request_id: str) -> None:
+        """An authenticated callback was refused and its body kept: say where to read it."""
+        log.warning(
+            "Callback rechazado guardado n.º %d cliente=%s deploymentId=%s motivo=%s; véalo con `sam-callback spool show %d`",
+            seq, client, deployment_id or "-", reason, seq,
+        )  # fmt: skip
+        self.alerts.rejected(deployment_id=deployment_id, reason=reason, client=client, request_id=request_id, seq=seq)
 
     def note_throttled(self, client: str) -> None:
         """Count a throttled failure; log a summary at most once a minute instead of each one."""

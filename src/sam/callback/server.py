@@ -72,7 +72,7 @@ def serve(settings: Settings) -> int:
         listener = systemd_listener(settings)
         if settings.server_workers > 1:
             return _serve_workers(settings, listener)
-        config = uvicorn.Config(create_app(settings), **uvicorn_options(settings))
+        config = uvicorn.Config(create_app(settings, watch_credentials=True), **uvicorn_options(settings))
         server = uvicorn.Server(config)
         _ignore_stop_signals()
         server.run(sockets=None if listener is None else [listener])

@@ -106,6 +106,7 @@ class Settings(BaseSettings):
     allowed_ips: str = Field("", validation_alias=AliasChoices("CALLBACK_ALLOWED_IPS"))
     admin_allowed_ips: str = Field("127.0.0.1/8, ::1", validation_alias=AliasChoices("CALLBACK_ADMIN_ALLOWED_IPS"))
     trusted_proxies: str = Field("", validation_alias=AliasChoices("CALLBACK_TRUSTED_PROXIES"))
+    rejected_max: int = Field(1000, ge=0, le=1_000_000, validation_alias=AliasChoices("CALLBACK_REJECTED_MAX"))
     auth_failures_limit: int = Field(30, ge=0, validation_alias=AliasChoices("CALLBACK_AUTH_FAILURES_LIMIT"))
     ssl_certfile: Path | None = _alias("CALLBACK_SSL_CERTFILE")
     ssl_keyfile: Path | None = _alias("CALLBACK_SSL_KEYFILE")

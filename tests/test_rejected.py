@@ -1,0 +1,119 @@
+"""Rejected callbacks (SPEC 10): authenticated 400/415 bodies are kept, bounded, and readable from the CLI."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from sam.callback.app import create_app
+from sam.callback.rejected import RejectedStore
+from sam.callback.settings import Settings
+from tests.utils import TOKEN, auth_headers, isolated_env, run_cli
+
+
+def _store(settings: Settings) -> RejectedStore:
+    return RejectedStore(settings.spool_path, max_entries=settings.rejected_max)
+
+
+def test_an_authenticated_invalid_body_is_answered_and_kept_as_received(settings: Settings) -> None:
+    body = b'{"deploymentId": "dep-400", "status": 7, "extra": "\xc3\xb1"}'
+    with TestClient(create_app(settings)) as client:
+        answer = client.post("/api/callback", content=body, headers=auth_headers() | {"X-Request-ID": "req-400"})
+    assert answer.status_code == 400
+    assert answer.json()["code"] == "invalid_payload"
+    store = _store(settings)
+    try:
+        [kept] = store.entries()
+    finally:
+        store.close()
+    assert kept.body == body
+    assert kept.code == "invalid_payload"
+    assert kept.request_id == "req-400"
+    assert kept.client == "testclient"
+    assert "status" in kept.reason
+
+
+def test_an_unsupported_content_type_is_answered_415_and_kept(settings: Settings) -> None:
+    body = b"<callback><deploymentId>dep-xml</deploymentId></callback>"
+    with TestClient(create_app(settings)) as client:
+        answer = client.post(
+            "/api/callback", content=body, headers={"X-Authorization": TOKEN, "Content-Type": "application/xml"}
+        )
+    assert answer.status_code == 415
+    store = _store(settings)
+    try:
+        [kept] = store.entries()
+    finally:
+        store.close()
+    assert kept.body == body
+    assert kept.code == "unsupported_media_type"
+    assert kept.content_type == "application/xml"
+
+
+def test_bodies_of_unauthenticated_requests_are_never_kept(settings: Settings) -> None:
+    with TestClient(create_app(settings)) as client:
+        for headers in ({"Content-Type": "application/json"}, auth_headers("otro-token-que-no-es-el-bueno")):
+            answer = client.post("/api/callback", content=b"not json at all", headers=headers)
+            assert answer.status_code == 401
+        answer = client.post("/api/callback", content=b"<x/>", headers={"Content-Type": "application/xml"})
+        assert answer.status_code == 401
+    store = _store(settings)
+    try:
+        assert store.count() == 0
+    finally:
+        store.close()
+
+
+def test_only_the_newest_rejected_max_are_kept(make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings(rejected_max=3)
+    with TestClient(create_app(settings)) as client:
+        for number in range(5):
+            answer = client.post("/api/callback", content=f'["cuerpo {number}"]'.encode(), headers=auth_headers())
+            assert answer.status_code == 400
+    store = _store(settings)
+    try:
+        kept = store.entries()
+    finally:
+        store.close()
+    assert [entry.body for entry in kept] == [f'["cuerpo {n}"]'.encode() for n in (2, 3, 4)]
+
+
+def test_the_cli_lists_shows_and_purges_rejected_callbacks(tmp_path: Path) -> None:
+    env = isolated_env(tmp_path) | {"CALLBACK_TOKEN": TOKEN}
+    store = RejectedStore(Path(env["CALLBACK_SPOOL_PATH"]), max_entries=10)
+    try:
+        seq = store.add(
+            body=b'{"deploymentId": "dep-cli", "status": ""}',
+            request_id="req-cli",
+            client="10.1.2.3",
+            code="invalid_payload",
+            reason="status: debe tener entre 1 y 20 caracteres",
+            content_type="application/json",
+            deployment_id="dep-cli",
+        )
+    finally:
+        store.close()
+
+    listed = run_cli(tmp_path, "spool", "list", "--rejected", **env)
+    assert listed.returncode == 0, listed.stderr
+    assert "dep-cli" in listed.stdout and "10.1.2.3" in listed.stdout and "req-cli" in listed.stdout
+
+    as_json = run_cli(tmp_path, "spool", "list", "--rejected", "--json", **env)
+    assert json.loads(as_json.stdout)[0]["body"] == '{"deploymentId": "dep-cli", "status": ""}'
+
+    shown = run_cli(tmp_path, "spool", "show", str(seq), **env)
+    assert shown.returncode == 0, shown.stderr
+    assert '{"deploymentId": "dep-cli", "status": ""}' in shown.stdout
+    assert "status: debe tener entre 1 y 20 caracteres" in shown.stdout
+
+    missing = run_cli(tmp_path, "spool", "show", "999", **env)
+    assert missing.returncode == 1 and "999" in missing.stderr
+
+    refused = run_cli(tmp_path, "spool", "purge", "--rejected", **env)
+    assert refused.returncode == 1
+    purged = run_cli(tmp_path, "spool", "purge", "--rejected", "--yes", **env)
+    assert purged.returncode == 0 and "1 callbacks rechazados borrados" in purged.stdout
+    assert "dep-cli" not in run_cli(tmp_path, "spool", "list", "--rejected", **env).stdout
