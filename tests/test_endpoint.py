@@ -136,7 +136,7 @@ def test_charset_parameter_is_accepted(api: TestClient, db_url: str) -> None:
         (b'{"status": "RUN_COMPLETED"}', "deploymentId"),
         (b'{"deploymentId": "x"}', "status"),
         (b'{"deploymentId": "   ", "status": "RUN_COMPLETED"}', "deploymentId"),
-        (b'{"deploymentId": "' + b"x" * 101 + b'", "status": "RUN_COMPLETED"}', "deploymentId"),
+        (b'{"deploymentId": "' + b"x" * 51 + b'", "status": "RUN_COMPLETED"}', "deploymentId"),
         (b'{"deploymentId": "x", "status": "' + b"S" * 21 + b'"}', "status"),
         (b'{"deploymentId": 12, "status": "RUN_COMPLETED"}', "deploymentId"),
         (b'{"deploymentId": "x", "status": "RUN_COMPLETED", "userId": 1.5}', "userId"),

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .logs import log_fields, request_id_var
-from .payload import PayloadError, parse_callback
+from .payload import PayloadError, is_probe, parse_callback
 from .responses import request_id_from, send_envelope, send_recorded
 
 if TYPE_CHECKING:
@@ -128,7 +128,11 @@ class CallbackEndpoint:
                 exc.details,
             )
             await send_envelope(send, "invalid_payload", request_id, details=exc.details)
-            return "invalid_payload", None, None
+            return "invalid_payload", exc.deployment_id, exc.status
+        if is_probe(callback):
+            # A smoke test of the deployment: it got this far, so it is authentic and valid.
+            await send_recorded(send, "probe", request_id, callback.deployment_id)
+            return "probe", callback.deployment_id, callback.status
         code = await runtime.recorder.submit(callback, request_id)
         if code == "unavailable":
             await send_envelope(
