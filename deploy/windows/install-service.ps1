@@ -103,7 +103,7 @@ $port = @($dotenv["CALLBACK_SERVER_PORT"], $dotenv["CALLBACK_PUERTO"], "8008") |
 switch ($Action) {
     "install" {
         if (Test-ServiceExists) { throw "El servicio $ServiceName ya existe: use 'remove' antes de reinstalarlo" }
-        if (-not (Test-Path -LiteralPath $Python)) { throw "No existe $Python (cree el entorno: uv sync --no-dev)" }
+        if (-not (Test-Path -LiteralPath $Python)) { throw "No existe $Python (cree el entorno: uv sync --no-dev --locked)" }
         if (-not (Test-Path -LiteralPath (Join-Path $InstallDir ".env"))) {
             Write-Warning "No hay $InstallDir\.env: el servicio usará solo variables de entorno del sistema"
         }
