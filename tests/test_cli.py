@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections.abc import Callable
@@ -10,7 +11,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from sam.callback.repository import make_engine
-from tests.utils import TOKEN, ServerProcess, fetch_run, insert_run, run_cli, wait_for
+from tests.utils import TOKEN, Keys, ServerProcess, fetch_run, insert_run, run_cli, wait_for
 
 
 def cli(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -129,3 +130,78 @@ def test_python_dash_m_serves_and_stops_cleanly(server_factory: Callable[..., Se
     server = server_factory().start()
     assert server.stop() == 0
     assert "sam-callback listo" in server.console()
+
+
+CLIENT_ID = "cliente-gateway-de-pruebas"
+
+
+def test_send_reproduces_the_launcher_and_the_unlock_header_sets(
+    server_factory: Callable[..., ServerProcess], tmp_path: Path, keys: Keys, other_keys: Keys
+) -> None:
+    """Mode required with token, key and client id: only the launcher's full set passes; the unlock's carries no token."""
+    key_file = tmp_path / "gateway.pem"
+    key_file.write_text(keys.public_pem)
+    gateway = {"API_GATEWAY_CLIENT_ID": CLIENT_ID}
+    server = server_factory(CALLBACK_AUTH_MODE="required", JWT_PUBLIC_KEY=str(key_file), **gateway).start(wait=False)
+    # Mode optional, for the unlock; both start at once (another spool and log folder, the same database).
+    lenient = server_factory(
+        CALLBACK_AUTH_MODE="optional", JWT_PUBLIC_KEY=str(key_file), **gateway,
+        CALLBACK_SPOOL_PATH=str(tmp_path / "spool-2" / "spool.db"), LOG_DIRECTORY=str(tmp_path / "logs-2"),
+    )  # fmt: skip
+    lenient.cwd = tmp_path / "lenient"  # its console output apart from the other's
+    lenient.cwd.mkdir()
+    lenient.start(wait=False)
+    for started in (server, lenient):
+        # Two interpreters importing at once on a loaded machine: more than start()'s 30 s.
+        wait_for(started._healthy, timeout=180, what=f"arranque del servidor en {started.base_url}")
+    jwt_file = tmp_path / "jwt.txt"
+    jwt_file.write_text("Bearer " + keys.token() + "\n")
+    bad_jwt = other_keys.token()
+    url = server.callback_url
+
+    launcher = cli(tmp_path, "send", "--url", url, "--jwt-file", str(jwt_file), **gateway)
+    assert launcher.returncode == 0, launcher.stdout + launcher.stderr
+    assert "cabeceras Content-Type, X-Authorization, Authorization, x-ibm-client-id" in launcher.stdout
+    assert '"code": "probe"' in launcher.stdout
+    # Each header of the set is needed: without the JWT, or without the client id, mode required refuses.
+    assert "HTTP 401" in cli(tmp_path, "send", "--url", url, **gateway).stdout
+    assert "HTTP 401" in cli(tmp_path, "send", "--url", url, "--jwt-file", str(jwt_file)).stdout
+    assert "HTTP 401" in cli(tmp_path, "send", "--url", url, "--como", "token").stdout
+    # The unlock sends no X-Authorization: refused in mode required even though a token is configured.
+    unlock = cli(tmp_path, "send", "--url", url, "--como", "desbloqueo", "--jwt-file", str(jwt_file), **gateway)
+    assert "cabeceras Content-Type, Authorization, x-ibm-client-id" in unlock.stdout and "HTTP 401" in unlock.stdout
+    assert server.stop() == 0
+
+    # Mode optional: the unlock's JWT and client id are enough, and its RUN_ABORTED ends a real run.
+    url = lenient.callback_url
+    insert_run(server.env["SAM_DATABASE_URL"], "dep-trabada", "RUNNING")
+    unlock = cli(
+        tmp_path, "send", "--url", url, "--como", "desbloqueo", "--jwt-file", str(jwt_file),
+        "--deployment-id", "dep-trabada", **gateway,
+    )  # fmt: skip
+    assert unlock.returncode == 0 and '"code": "updated"' in unlock.stdout, unlock.stdout + unlock.stderr
+    row = fetch_run(server.env["SAM_DATABASE_URL"], "dep-trabada")
+    assert row is not None and row["Estado"] == "RUN_ABORTED"
+    assert json.loads(row["CallbackInfo"])["deviceId"] is None
+    # A JWT the gateway did not sign: the unlock has no token to fall back on.
+    forged = cli(tmp_path, "send", "--url", url, "--como", "desbloqueo", "--jwt", bad_jwt, **gateway)
+    assert forged.returncode == 1 and "HTTP 401" in forged.stdout
+    assert lenient.stop() == 0
+    outputs = launcher.stdout + launcher.stderr + unlock.stdout + unlock.stderr + forged.stdout + forged.stderr
+    assert TOKEN not in outputs and bad_jwt not in outputs and CLIENT_ID not in outputs
+    assert jwt_file.read_text().split()[1] not in outputs
+
+
+def test_send_refuses_header_sets_it_cannot_build(tmp_path: Path) -> None:
+    unlock = cli(tmp_path, "send", "--url", "http://127.0.0.1:9/api/callback", "--como", "desbloqueo")
+    assert unlock.returncode == 2 and "exige el JWT" in unlock.stderr
+    token = cli(tmp_path, "send", "--url", "http://127.0.0.1:9/api/callback", "--como", "token", "--jwt", "abc.def.ghi")
+    assert token.returncode == 2 and "solo X-Authorization" in token.stderr and "abc.def.ghi" not in token.stderr
+    missing = cli(tmp_path, "send", "--url", "http://127.0.0.1:9/api/callback", "--jwt-file", str(tmp_path / "no"))
+    assert missing.returncode == 2 and "no se puede leer el JWT" in missing.stderr
+
+
+def test_send_never_prints_the_token_when_the_server_cannot_be_reached(tmp_path: Path) -> None:
+    result = cli(tmp_path, "send", "--url", "http://127.0.0.1:9/api/callback", "--jwt", "eyJhbGciOi.eyJzdWIi.firma")
+    assert result.returncode == 1 and "No se pudo enviar el callback" in result.stderr
+    assert TOKEN not in result.stdout + result.stderr and "eyJhbGciOi" not in result.stdout + result.stderr

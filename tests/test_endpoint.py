@@ -136,7 +136,7 @@ def test_charset_parameter_is_accepted(api: TestClient, db_url: str) -> None:
         (b'{"status": "RUN_COMPLETED"}', "deploymentId"),
         (b'{"deploymentId": "x"}', "status"),
         (b'{"deploymentId": "   ", "status": "RUN_COMPLETED"}', "deploymentId"),
-        (b'{"deploymentId": "' + b"x" * 101 + b'", "status": "RUN_COMPLETED"}', "deploymentId"),
+        (b'{"deploymentId": "' + b"x" * 51 + b'", "status": "RUN_COMPLETED"}', "deploymentId"),
         (b'{"deploymentId": "x", "status": "' + b"S" * 21 + b'"}', "status"),
         (b'{"deploymentId": 12, "status": "RUN_COMPLETED"}', "deploymentId"),
         (b'{"deploymentId": "x", "status": "RUN_COMPLETED", "userId": 1.5}', "userId"),
@@ -251,3 +251,68 @@ def test_upper_casing_never_makes_the_status_longer(api: TestClient, db_url: str
     answer = post(api, {"deploymentId": "dep-ss", "status": status})
     assert answer.status_code == 200, answer.text
     assert fetch_run(db_url, "dep-ss")["Estado"] == "STRAßE" + "X" * 14  # type: ignore[index]
+
+
+def test_deployment_id_of_50_characters_is_recorded_and_51_is_refused(api: TestClient, db_url: str) -> None:
+    """DeploymentId is nvarchar(50): the longest id fits, one more character is a 400 in Spanish."""
+    longest = "d" * 50
+    insert_run(db_url, longest, "RUNNING")
+    answer = post(api, {"deploymentId": f"  {longest}  ", "status": "RUN_COMPLETED"})
+    assert answer.status_code == 200 and answer.json()["deploymentId"] == longest
+    assert fetch_run(db_url, longest)["Estado"] == "RUN_COMPLETED"  # type: ignore[index]
+    refused = post(api, {"deploymentId": "d" * 51, "status": "RUN_COMPLETED"})
+    assert refused.status_code == 400 and refused.json()["code"] == "invalid_payload"
+    assert refused.json()["details"] == [
+        {
+            "field": "deploymentId",
+            "problem": "debe tener entre 1 y 50 caracteres (la columna DeploymentId es nvarchar(50))",
+        }
+    ]
+    assert api.get("/ready").json()["spool"]["backlog"] == 0
+
+
+def test_openapi_states_the_50_character_bound(api: TestClient) -> None:
+    schema = api.get("/openapi.json").json()["components"]["schemas"]["CallbackPayload"]["properties"]["deploymentId"]
+    assert "1..50" in schema["description"] and "{0,48}" in schema["pattern"]
+
+
+def _callback_lines(settings: Settings) -> list[dict[str, Any]]:
+    entries = [json.loads(line) for line in settings.log_file.read_text(encoding="utf-8").splitlines()]
+    return [entry for entry in entries if entry["message"].startswith("callback ")]
+
+
+def test_400_log_line_names_the_readable_deployment_id_and_status(make_settings: Callable[..., Settings]) -> None:
+    """An operator finds a refused callback in the log by its run (SPEC 6), never a forged line."""
+    settings = make_settings(log_format="json")
+    bodies = {
+        "req-long": {"deploymentId": "L" * 51, "status": "run_completed"},
+        "req-bad-status": {"deploymentId": "dep-400", "status": "S" * 21},
+        "req-no-status": {"deploymentId": "dep-sin-estado"},
+        "req-numeric-id": {"deploymentId": 12, "status": "RUN_FAILED"},
+        "req-newline": {"deploymentId": "dep\nFALSO resultado=updated", "status": "RUN_FAILED"},
+    }
+    with TestClient(create_app(settings)) as api:
+        for request_id, body in bodies.items():
+            answer = api.post(
+                "/api/callback",
+                content=json.dumps(body).encode(),
+                headers=auth_headers() | {"X-Request-ID": request_id},
+            )
+            assert answer.status_code == 400
+    lines = {entry["request_id"]: entry for entry in _callback_lines(settings)}
+    assert all(lines[request_id]["result"] == "invalid_payload" for request_id in bodies)
+    assert (lines["req-long"]["deploymentId"], lines["req-long"]["status"]) == ("L" * 51, "RUN_COMPLETED")
+    assert (lines["req-bad-status"]["deploymentId"], lines["req-bad-status"]["status"]) == ("dep-400", "S" * 21)
+    assert (lines["req-no-status"]["deploymentId"], lines["req-no-status"]["status"]) == ("dep-sin-estado", None)
+    assert (lines["req-numeric-id"]["deploymentId"], lines["req-numeric-id"]["status"]) == (None, "RUN_FAILED")
+    assert lines["req-newline"]["deploymentId"] == "dep\\u000aFALSO resultado=updated"
+
+
+def test_400_text_log_line_carries_the_id_on_one_line(settings: Settings) -> None:
+    with TestClient(create_app(settings)) as api:
+        body = b'{"deploymentId": "dep-texto\\r\\nfalsa", "status": "RUN_COMPLETED", "status": "x"}'
+        assert post(api, body).status_code == 400
+    line = next(
+        line for line in settings.log_file.read_text(encoding="utf-8").splitlines() if "callback cliente=" in line
+    )
+    assert "deploymentId=dep-texto\\u000d\\u000afalsa estado=X resultado=invalid_payload" in line

@@ -22,7 +22,7 @@ def _sent(coroutine_factory: Any) -> list[dict[str, Any]]:
     return messages
 
 
-@pytest.mark.parametrize("code", ["updated", "already_processed", "pending_match", "queued"])
+@pytest.mark.parametrize("code", ["updated", "already_processed", "pending_match", "queued", "probe"])
 @pytest.mark.parametrize("deployment_id", ["dep-1", 'comillas "y" \\ barras', "ñandú \u2028 😀", "a" * 100])
 def test_recorded_answer_is_byte_for_byte_the_envelope(code: str, deployment_id: str) -> None:
     fast = _sent(lambda send: send_recorded(send, code, "req-1", deployment_id))

@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 
 from sam.callback.app import create_app
 from sam.callback.settings import Settings
-from tests.utils import auth_headers
+from tests.utils import auth_headers, fetch_run, insert_run
 
 LIMIT = 4096
 VALID = b'{"deploymentId":"sigue-vivo","status":"RUN_COMPLETED"}'
@@ -103,3 +103,58 @@ def test_body_at_the_limit_is_read(api: TestClient) -> None:
     body = VALID[:-1] + b',"p":"' + b"a" * padding + b'"}'
     assert len(body) == LIMIT
     assert api.post("/api/callback", content=body, headers=auth_headers()).status_code == 202
+
+
+DUPLICATED = {
+    "deployment_id_twice": (
+        b'{"deploymentId":"dup-a","status":"RUN_COMPLETED","deploymentId":"dup-b"}',
+        ["deploymentId"],
+    ),
+    "status_twice": (b'{"deploymentId":"dup-a","status":"RUN_COMPLETED","status":"RUN_FAILED"}', ["status"]),
+    "both_twice": (
+        b'{"status":"RUNNING","deploymentId":"dup-a","status":"RUN_FAILED","deploymentId":"dup-b"}',
+        ["deploymentId", "status"],
+    ),
+    "same_value_twice": (b'{"deploymentId":"dup-a","deploymentId":"dup-a","status":"RUN_COMPLETED"}', ["deploymentId"]),
+    "escaped_spelling": (
+        b'{"deploymentId":"dup-a","deployment\\u0049d":"dup-b","status":"RUN_COMPLETED"}',
+        ["deploymentId"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DUPLICATED))
+def test_a_body_naming_deployment_id_or_status_twice_is_400(make_settings: Callable[..., Settings], name: str) -> None:
+    """SQL Server's JSON_VALUE over CallbackInfo would read the first value, we the last: refused, nothing written."""
+    settings = make_settings()
+    url = settings.resolved_database_url()
+    insert_run(url, "dup-a", "RUNNING")
+    insert_run(url, "dup-b", "RUNNING")
+    body, fields = DUPLICATED[name]
+    with TestClient(create_app(settings)) as api:
+        answer = api.post("/api/callback", content=body, headers=auth_headers())
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["code"] == "invalid_payload"
+        assert [d["field"] for d in answer.json()["details"]] == fields
+        assert all(d["problem"] == "aparece más de una vez en el cuerpo" for d in answer.json()["details"])
+        assert api.get("/ready").json()["spool"]["backlog"] == 0
+    assert fetch_run(url, "dup-a")["Estado"] == "RUNNING"  # type: ignore[index]
+    assert fetch_run(url, "dup-b")["Estado"] == "RUNNING"  # type: ignore[index]
+
+
+def test_nested_repeated_names_and_other_repeated_keys_are_the_bodys_business(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """Only the top level's deploymentId and status must be unique; the raw body is stored as received."""
+    settings = make_settings()
+    url = settings.resolved_database_url()
+    insert_run(url, "dup-ok", "RUNNING")
+    body = (
+        b'{"deploymentId":"dup-ok","status":"RUN_COMPLETED","extra":1,"extra":2,'
+        b'"botOutput":{"status":"a","status":"b","deploymentId":"x","deploymentId":"y"}}'
+    )
+    with TestClient(create_app(settings)) as api:
+        answer = api.post("/api/callback", content=body, headers=auth_headers())
+        assert answer.status_code == 200 and answer.json()["code"] == "updated"
+    row = fetch_run(url, "dup-ok")
+    assert row is not None and row["Estado"] == "RUN_COMPLETED" and row["CallbackInfo"] == body.decode()

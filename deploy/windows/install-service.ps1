@@ -39,7 +39,7 @@ param(
     # nssm.exe; por defecto el del PATH o <InstallDir>\tools\nssm.exe
     [string] $Nssm = "",
 
-    # Carpeta de logs; por defecto LOG_DIRECTORY (o LOG_DIRECTORIO) del .env, o C:\RPA\Logs\SAM
+    # Carpeta de logs; por defecto LOG_DIRECTORIO (o LOG_DIRECTORY) del .env, o C:\RPA\Logs\SAM
     [string] $LogDir = "",
 
     # Cuenta del servicio (p. ej. DOMINIO\svc-sam-callback); por defecto LocalSystem.
@@ -94,16 +94,17 @@ $script:NssmExe = Resolve-Nssm
 $dotenv = Read-DotEnv (Join-Path $InstallDir ".env")
 if ($Python -eq "") { $Python = Join-Path $InstallDir ".venv\Scripts\python.exe" }
 if ($LogDir -eq "") {
-    $LogDir = @($dotenv["LOG_DIRECTORY"], $dotenv["LOG_DIRECTORIO"], "C:\RPA\Logs\SAM") |
+    # Primero los nombres actuales de SAM, como los lee el servicio.
+    $LogDir = @($dotenv["LOG_DIRECTORIO"], $dotenv["LOG_DIRECTORY"], "C:\RPA\Logs\SAM") |
         Where-Object { $_ } | Select-Object -First 1
 }
 if (-not [System.IO.Path]::IsPathRooted($LogDir)) { $LogDir = Join-Path $InstallDir $LogDir }
-$port = @($dotenv["CALLBACK_SERVER_PORT"], $dotenv["CALLBACK_PUERTO"], "8008") | Where-Object { $_ } | Select-Object -First 1
+$port = @($dotenv["CALLBACK_PUERTO"], $dotenv["CALLBACK_SERVER_PORT"], "8008") | Where-Object { $_ } | Select-Object -First 1
 
 switch ($Action) {
     "install" {
         if (Test-ServiceExists) { throw "El servicio $ServiceName ya existe: use 'remove' antes de reinstalarlo" }
-        if (-not (Test-Path -LiteralPath $Python)) { throw "No existe $Python (cree el entorno: uv sync --no-dev)" }
+        if (-not (Test-Path -LiteralPath $Python)) { throw "No existe $Python (cree el entorno: uv sync --no-dev --locked)" }
         if (-not (Test-Path -LiteralPath (Join-Path $InstallDir ".env"))) {
             Write-Warning "No hay $InstallDir\.env: el servicio usará solo variables de entorno del sistema"
         }

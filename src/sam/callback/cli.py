@@ -6,13 +6,13 @@ import argparse
 import json
 import sys
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime
-
-import httpx
+from pathlib import Path
 
 from . import __version__
+from .payload import PROBE_PREFIX
+from .sending import SendAs, SendError, build_request, post_callback
 from .settings import ConfigError, Settings, load_settings
 
 EXIT_OK = 0
@@ -28,14 +28,52 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("check", help="comprueba configuración, base de datos, tabla y spool")
     init_db = commands.add_parser("init-db", help="crea la tabla Ejecuciones (SQLite/PostgreSQL) o imprime el T-SQL")
     init_db.add_argument("--print-sql", action="store_true", help="solo imprime el T-SQL de SQL Server")
-    send = commands.add_parser("send", help="envía un callback de ejemplo a un servidor en marcha")
+    send = commands.add_parser(
+        "send",
+        help="envía un callback de ejemplo a un servidor en marcha",
+        description=(
+            "Envía un callback a un servidor en marcha con las cabeceras que usa SAM. Sin --deployment-id "
+            f"el deploymentId empieza por '{PROBE_PREFIX}': el servidor lo autentica y lo valida, responde "
+            "200 (probe) y no registra nada. Con --deployment-id es un callback real."
+        ),
+    )
     send.add_argument(
         "--url",
         required=True,
         help="URL completa del callback, p. ej. http://host:8008/api/callback",
     )
-    send.add_argument("--deployment-id", default=None, help="deploymentId (por defecto, uno nuevo de prueba)")
-    send.add_argument("--status", default="RUN_COMPLETED", help="estado a enviar (por defecto RUN_COMPLETED)")
+    send.add_argument(
+        "--deployment-id",
+        default=None,
+        help=f"deploymentId de una ejecución real (por defecto, uno de prueba '{PROBE_PREFIX}...' que no se registra)",
+    )
+    send.add_argument(
+        "--status",
+        default=None,
+        help="estado a enviar (por defecto RUN_COMPLETED; RUN_ABORTED con --como desbloqueo)",
+    )
+    send.add_argument(
+        "--como",
+        choices=[mode.value for mode in SendAs],
+        default=SendAs.LAUNCHER.value,
+        help=(
+            "cabeceras a enviar: 'lanzador' (por defecto) las que el lanzador de SAM pone en callbackInfo: "
+            "X-Authorization con CALLBACK_TOKEN y, si se da un JWT, Authorization: Bearer y x-ibm-client-id "
+            "(APIGW_CLIENT_ID); 'desbloqueo' las del desbloqueo de la interfaz web: solo Bearer y "
+            "x-ibm-client-id, estado RUN_ABORTED (exige JWT); 'token' solo X-Authorization"
+        ),
+    )
+    jwt_source = send.add_mutually_exclusive_group()
+    jwt_source.add_argument(
+        "--jwt", default=None, metavar="TOKEN", help="JWT del API Gateway para Authorization: Bearer"
+    )
+    jwt_source.add_argument(
+        "--jwt-file",
+        type=Path,
+        default=None,
+        metavar="RUTA",
+        help="fichero con el JWT (preferible: no queda en el historial)",
+    )
     send.add_argument("--insecure", action="store_true", help="no verificar el certificado TLS")
     spool = commands.add_parser("spool", help="lista, reintenta o purga el spool")
     spool_commands = spool.add_subparsers(dest="spool_command", metavar="ACCION", required=True)
@@ -129,26 +167,32 @@ def _init_db(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _send(settings: Settings, args: argparse.Namespace) -> int:
-    deployment_id = args.deployment_id or f"prueba-{uuid.uuid4()}"
-    body = {
-        "deploymentId": deployment_id,
-        "status": args.status,
-        "botOutput": {"origen": {"type": "STRING", "string": "sam-callback send"}},
-    }
-    headers = {"Content-Type": "application/json"}
-    if settings.tokens:
-        headers["X-Authorization"] = settings.tokens[0]
     try:
-        answer = httpx.post(args.url, json=body, headers=headers, timeout=15, verify=not args.insecure)
-    except httpx.HTTPError as exc:
-        print(
-            f"No se pudo enviar el callback a {args.url}: {type(exc).__name__}: {exc}",
-            file=sys.stderr,
+        request = build_request(
+            mode=SendAs(args.como),
+            deployment_id=args.deployment_id,
+            status=args.status,
+            token=settings.token,
+            client_id=settings.api_gateway_client_id,
+            jwt=args.jwt,
+            jwt_file=args.jwt_file,
         )
+    except SendError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    for warning in request.warnings:
+        print(f"AVISO: {warning}", file=sys.stderr)
+    print(f"Enviando como {request.mode.value}: cabeceras {', '.join(request.header_names)}")
+    if request.probe:
+        print(f"deploymentId de prueba {request.deployment_id}: el servidor no registrará nada")
+    try:
+        status_code, text = post_callback(request, url=args.url, verify=not args.insecure)
+    except SendError as exc:
+        print(f"No se pudo enviar el callback a {args.url}: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    print(f"HTTP {answer.status_code}")
-    print(answer.text)
-    return EXIT_OK if answer.is_success else EXIT_FAILED
+    print(f"HTTP {status_code}")
+    print(text)
+    return EXIT_OK if 200 <= status_code < 300 else EXIT_FAILED
 
 
 def _spool(settings: Settings, args: argparse.Namespace) -> int:

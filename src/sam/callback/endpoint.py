@@ -12,7 +12,7 @@ import anyio.to_thread
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .logs import log_fields, request_id_var
-from .payload import PayloadError, parse_callback
+from .payload import PayloadError, is_probe, parse_callback
 from .rejected import RejectedStoreError
 from .responses import request_id_from, send_envelope, send_recorded
 
@@ -142,9 +142,13 @@ class CallbackEndpoint:
                 exc.details,
             )
             reason = "; ".join(f"{detail['field']}: {detail['problem']}" for detail in exc.details)
-            await self._keep_rejected(body, request_id, client, "invalid_payload", reason, headers, None)
+            await self._keep_rejected(body, request_id, client, "invalid_payload", reason, headers, exc.deployment_id)
             await send_envelope(send, "invalid_payload", request_id, details=exc.details)
-            return "invalid_payload", None, None
+            return "invalid_payload", exc.deployment_id, exc.status
+        if is_probe(callback):
+            # A smoke test of the deployment: it got this far, so it is authentic and valid.
+            await send_recorded(send, "probe", request_id, callback.deployment_id)
+            return "probe", callback.deployment_id, callback.status
         code = await runtime.recorder.submit(callback, request_id)
         if code == "unavailable":
             runtime.alerts.unavailable(callback.deployment_id, callback.status, request_id)

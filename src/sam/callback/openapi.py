@@ -7,12 +7,12 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from .payload import CallbackPayload, Envelope
+from .payload import DEPLOYMENT_ID_MAX, PROBE_PREFIX, STATUS_MAX, CallbackPayload, Envelope
 from .responses import ANSWERS
 from .settings import Settings
 
 _CALLBACK_CODES = (
-    "updated", "already_processed", "pending_match", "queued", "invalid_payload", "unauthorized",
+    "updated", "already_processed", "probe", "pending_match", "queued", "invalid_payload", "unauthorized",
     "forbidden", "method_not_allowed", "request_timeout", "payload_too_large",
     "unsupported_media_type", "too_many_requests", "headers_too_large", "internal_error", "unavailable",
 )  # fmt: skip
@@ -57,8 +57,8 @@ def _payload_schema() -> dict[str, Any]:
     schema = CallbackPayload.model_json_schema(ref_template="#/components/schemas/{model}")
     value_ref = {"$ref": "#/components/schemas/JsonValue"}
     properties = schema["properties"]
-    properties["deploymentId"] |= {"pattern": _trimmed(100)}
-    properties["status"] |= {"pattern": _trimmed(20)}
+    properties["deploymentId"] |= {"pattern": _trimmed(DEPLOYMENT_ID_MAX)}
+    properties["status"] |= {"pattern": _trimmed(STATUS_MAX)}
     for name in ("deviceId", "userId"):
         properties[name]["anyOf"] = [
             {"type": "string", "pattern": _NO_NUL},
@@ -103,6 +103,12 @@ def install_openapi(app: FastAPI, settings: Settings) -> None:
             "post": {
                 "tags": ["callback"],
                 "summary": "Recibe el callback de fin de ejecución de A360",
+                "description": (
+                    "Autentica, valida y registra el fin de una ejecución en Ejecuciones. Un cuerpo que nombre "
+                    "deploymentId o status más de una vez es un 400 (SQL Server leería otro valor en CallbackInfo). "
+                    f"Un deploymentId que empieza por '{PROBE_PREFIX}' es un callback de prueba: se autentica y se "
+                    "valida, se responde 200 con el código probe y no se registra nada."
+                ),
                 "operationId": "post_callback",
                 "security": [{"token": []}, {"gatewayJwt": []}],
                 "parameters": [

@@ -18,6 +18,17 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 # \u0000 preceded by an even number of backslashes: "\\u0000" (an escaped backslash) is plain text.
 _NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 _MAX_INT_DIGITS = 40
+# Ejecuciones.DeploymentId is nvarchar(50), Estado nvarchar(20).
+DEPLOYMENT_ID_MAX = 50
+STATUS_MAX = 20
+# deploymentIds with this prefix are smoke tests (`sam-callback send` without --deployment-id):
+# checked like any callback, answered, and never recorded. A360's ids are UUIDs, never this.
+PROBE_PREFIX = "sam-callback-prueba-"
+# Fields that SQL Server's JSON_VALUE over CallbackInfo must read as we did: a body naming one
+# twice is refused, since JSON_VALUE takes the first and a Python dict keeps the last.
+_SINGLE_KEYS = ("deploymentId", "status")
+# A rejected body's id and status reach the log line at most this long, control characters escaped.
+_LOGGED_MAX = 100
 
 
 def _integral(value: float) -> float:
@@ -35,8 +46,16 @@ class CallbackPayload(BaseModel):
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
-    deploymentId: Annotated[StrictStr, Field(description="Id del despliegue de A360 (1..100 caracteres)")]  # noqa: N815
-    status: Annotated[StrictStr, Field(description="Estado final de la ejecución (1..20 caracteres)")]
+    deploymentId: Annotated[  # noqa: N815
+        StrictStr,
+        Field(
+            description=(
+                f"Id del despliegue de A360 (1..{DEPLOYMENT_ID_MAX} caracteres tras quitar espacios). "
+                f"Los que empiezan por '{PROBE_PREFIX}' son callbacks de prueba: se validan y no se registran"
+            )
+        ),
+    ]
+    status: Annotated[StrictStr, Field(description=f"Estado final de la ejecución (1..{STATUS_MAX} caracteres)")]
     deviceId: NumericId | None = None  # noqa: N815
     userId: NumericId | None = None  # noqa: N815
     botOutput: dict[str, Any] | None = None  # noqa: N815
@@ -55,11 +74,38 @@ class Envelope(BaseModel):
 
 
 class PayloadError(Exception):
-    """The body is not a valid callback; `details` says why, field by field, in Spanish."""
+    """The body is not a valid callback; `details` says why, field by field, in Spanish.
 
-    def __init__(self, details: list[dict[str, Any]]) -> None:
+    `deployment_id` and `status` are the body's top-level strings, made safe for a log line,
+    when it has them: an operator looks a rejected callback up by its run.
+    """
+
+    def __init__(
+        self, details: list[dict[str, Any]], *, deployment_id: str | None = None, status: str | None = None
+    ) -> None:
         super().__init__("payload no válido")
         self.details = details
+        self.deployment_id = deployment_id
+        self.status = status
+
+
+class _RepeatedKeys(dict[str, Any]):
+    """A decoded object that named one of `_SINGLE_KEYS` more than once."""
+
+    repeated: tuple[str, ...] = ()
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    value = dict(pairs)
+    if len(value) == len(pairs):  # the common case: no key twice, nothing else to look at
+        return value
+    names = [key for key, _ in pairs]
+    repeated = tuple(key for key in _SINGLE_KEYS if names.count(key) > 1)
+    if not repeated:
+        return value
+    marked = _RepeatedKeys(value)
+    marked.repeated = repeated
+    return marked
 
 
 def _reject_constant(name: str) -> Any:
@@ -80,6 +126,18 @@ def _parse_int(text: str) -> int:
 
 
 _decoder = json.JSONDecoder(parse_float=_parse_float, parse_int=_parse_int, parse_constant=_reject_constant)
+# The same decoder, noting repeated keys: a Python call per object made decoding half as slow
+# again, so it only reads the bodies where `_may_repeat_keys` cannot rule a repetition out.
+_checking_decoder = json.JSONDecoder(
+    object_pairs_hook=_object, parse_float=_parse_float, parse_int=_parse_int, parse_constant=_reject_constant
+)
+_QUOTED_SINGLE_KEYS = tuple(f'"{key}"' for key in _SINGLE_KEYS)
+
+
+def _may_repeat_keys(text: str) -> bool:
+    # A key can only be spelled differently with \u escapes; without any, a name that appears
+    # once as a quoted string cannot be a key twice.
+    return "\\u" in text or any(text.count(key) > 1 for key in _QUOTED_SINGLE_KEYS)
 
 
 def decode_body(body: bytes) -> tuple[str, dict[str, Any]]:
@@ -91,7 +149,8 @@ def decode_body(body: bytes) -> tuple[str, dict[str, Any]]:
     # A BOM is tolerated (some Windows tools add one) but is not part of the stored JSON.
     parsed_text = text[1:] if text.startswith("\ufeff") else text
     try:
-        value, end = _decoder.raw_decode(parsed_text, _skip_space(parsed_text, 0))
+        decoder = _checking_decoder if _may_repeat_keys(parsed_text) else _decoder
+        value, end = decoder.raw_decode(parsed_text, _skip_space(parsed_text, 0))
         if _skip_space(parsed_text, end) != len(parsed_text):
             raise ValueError("datos sobrantes")
     except (ValueError, RecursionError):
@@ -131,9 +190,31 @@ def _upper_same_length(text: str) -> str:
     return "".join(upper if len(upper := char.upper()) == 1 else char for char in text)
 
 
+def _loggable(value: Any, *, upper: bool = False) -> str | None:
+    """A top-level string of a rejected body as a log line may show it, or None when unreadable."""
+    if not isinstance(value, str) or not (text := value.strip()):
+        return None
+    if len(text) > _LOGGED_MAX:
+        text = text[:_LOGGED_MAX] + "…"
+    if upper:
+        text = _upper_same_length(text)
+    # A newline or a lone surrogate would forge or break the log line: shown as an escape.
+    return _FORBIDDEN.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
+
+
+def _rejected(details: list[dict[str, Any]], value: dict[str, Any]) -> PayloadError:
+    return PayloadError(
+        details, deployment_id=_loggable(value.get("deploymentId")), status=_loggable(value.get("status"), upper=True)
+    )
+
+
 def parse_callback(body: bytes) -> Callback:
     """Validate a body against SPEC 2.1 and return the callback to record."""
     raw, value = decode_body(body)
+    if isinstance(value, _RepeatedKeys):
+        raise _rejected(
+            [{"field": key, "problem": "aparece más de una vez en el cuerpo"} for key in value.repeated], value
+        )
     try:
         payload = CallbackPayload.model_validate(value)
     except ValidationError as exc:
@@ -142,20 +223,30 @@ def parse_callback(body: bytes) -> Callback:
             field = str(error["loc"][0]) if error["loc"] else "body"
             if not any(d["field"] == field for d in problems):
                 problems.append({"field": field, "problem": _MESSAGES.get(error["type"], "valor no válido")})
-        raise PayloadError(problems) from None
+        raise _rejected(problems, value) from None
     details: list[dict[str, Any]] = []
     deployment_id = payload.deploymentId.strip()
     status = _upper_same_length(payload.status.strip())
-    if not 1 <= len(deployment_id) <= 100:
-        details.append({"field": "deploymentId", "problem": "debe tener entre 1 y 100 caracteres"})
+    if not 1 <= len(deployment_id) <= DEPLOYMENT_ID_MAX:
+        details.append(
+            {
+                "field": "deploymentId",
+                "problem": f"debe tener entre 1 y {DEPLOYMENT_ID_MAX} caracteres (la columna DeploymentId es nvarchar({DEPLOYMENT_ID_MAX}))",
+            }
+        )
     elif _FORBIDDEN.search(deployment_id):
         details.append({"field": "deploymentId", "problem": "contiene caracteres de control no permitidos"})
-    if not 1 <= len(status) <= 20:
-        details.append({"field": "status", "problem": "debe tener entre 1 y 20 caracteres"})
+    if not 1 <= len(status) <= STATUS_MAX:
+        details.append({"field": "status", "problem": f"debe tener entre 1 y {STATUS_MAX} caracteres"})
     elif _FORBIDDEN.search(status):
         details.append({"field": "status", "problem": "contiene caracteres de control no permitidos"})
     if ("\\u0000" in raw and _NUL_ESCAPE.search(raw)) or (_SURROGATE_ESCAPE.search(raw) and not _encodable(value)):
         details.append({"field": "body", "problem": "contiene caracteres nulos o sustitutos UTF-16 sueltos"})
     if details:
-        raise PayloadError(details)
+        raise _rejected(details, value)
     return Callback(deployment_id=deployment_id, status=status, raw=raw)
+
+
+def is_probe(callback: Callback) -> bool:
+    """Whether a valid callback is a smoke test, answered but never recorded."""
+    return callback.deployment_id.startswith(PROBE_PREFIX)

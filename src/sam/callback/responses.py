@@ -29,6 +29,11 @@ ANSWERS: dict[str, tuple[int, str, str]] = {
         "ACCEPTED",
         "Base de datos no disponible; el callback se ha guardado y se aplicará en cuanto responda",
     ),
+    "probe": (
+        200,
+        "OK",
+        "Callback de prueba recibido: autenticación y validación correctas; no se registra nada",
+    ),
     "unauthorized": (401, "ERROR", "Credenciales ausentes o no válidas"),
     "forbidden": (403, "ERROR", "La dirección de origen no está autorizada"),
     "not_found": (404, "ERROR", "Ruta no encontrada"),
@@ -116,7 +121,9 @@ def _recorded_template(code: str) -> tuple[int, str, str]:
 
 # The answer to a recorded callback is the same text each time but for two values: it is
 # assembled from pieces made by the same encoder (tests compare it with `envelope`).
-_RECORDED = {code: _recorded_template(code) for code in ("updated", "already_processed", "pending_match", "queued")}
+_RECORDED = {
+    code: _recorded_template(code) for code in ("updated", "already_processed", "pending_match", "queued", "probe")
+}
 
 
 async def send_envelope(
