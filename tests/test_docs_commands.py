@@ -25,7 +25,7 @@ OUR_COMMAND = re.compile(
 UV_SYNC = re.compile(r"\buv sync(?: --[\w-]+(?: (?!-)[\w-]+)?)*")
 
 
-_COMMAND_NAMES = {"serve", "check", "init-db", "send", "spool", "status"}
+_COMMAND_NAMES = {"serve", "check", "init-db", "send", "spool", "status", "test-mail"}
 
 
 def _commands(pattern: re.Pattern[str]) -> list[tuple[str, str]]:
@@ -45,6 +45,7 @@ def _concrete(arguments: str) -> list[str]:
     arguments = re.sub(r"(\w+)(?:\|\w+)+", r"\1", arguments)  # a choice: its first value
     arguments = arguments.replace("…", "x").replace("<", "").replace(">", "")
     arguments = re.sub(r"(--[\w-]+-days) N\b", r"\1 1", arguments)
+    arguments = re.sub(r"\bshow (?:SEQ|N)\b", "show 1", arguments)
     return shlex.split(arguments.replace("\\", "/"))
 
 
