@@ -53,9 +53,8 @@ NAMES: dict[str, tuple[str, ...]] = {
     "log_backup_count": ("LOG_BACKUP_CANTIDAD", "LOG_BACKUP_COUNT"),
 }
 
-# Values that must never be printed, not even by `check` when it compares two names.
-SECRET_FIELDS = frozenset({"token", "previous_tokens", "api_gateway_client_id", "sql_pwd", "jwt_public_key"})
-
+# Settings whose value is read regardless of case: `INFO` and `info` do not disagree.
+_CASE_INSENSITIVE = frozenset({"auth_mode", "log_level", "docs_enabled"})
 
 def env_name(field: str) -> str:
     """How messages name `field`: SAM's current name first, then the older ones (`NEW/OLD`)."""
@@ -96,9 +95,10 @@ def conflicts(variables: Mapping[str, str]) -> list[tuple[str, str, str]]:
     found: list[tuple[str, str, str]] = []
     for field, names in NAMES.items():
         set_names = [name for name in names if _present(variables.get(name))]
-        for other in set_names[1:]:
-            if variables[other].strip() != variables[set_names[0]].strip():
-                found.append((field, set_names[0], other))
+        values = [variables[name].strip() for name in set_names]
+        if field in _CASE_INSENSITIVE:
+            values = [value.lower() for value in values]
+        found += [(field, set_names[0], other) for other, value in zip(set_names[1:], values[1:]) if value != values[0]]
     return found
 
 
