@@ -168,7 +168,10 @@ def test_unparseable_key_or_missing_credentials_refuse_to_start(make_settings: C
 
 @pytest.mark.parametrize(
     "unusable_key",
-    ["placeholder_public_key", "-----BEGIN PUBLIC KEY-----\nMIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEA...\n-----END PUBLIC KEY-----"],
+    [
+        "placeholder_public_key",
+        "-----BEGIN PUBLIC KEY-----\nMIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEA...\n-----END PUBLIC KEY-----",
+    ],
 )
 def test_unusable_key_with_a_token_in_optional_mode_is_a_warning(
     make_settings: Callable[..., Settings], keys: Keys, unusable_key: str

@@ -243,7 +243,9 @@ def test_json_format_with_date_format(make_settings: Callable[..., Settings]) ->
     lines = _one_callback(settings, "req-json-fmt")
     entries = [json.loads(line) for line in lines]
     assert all(re.fullmatch(r"\d{8}T\d{6}", entry["time"]) for entry in entries)
-    assert any(entry.get("request_id") == "req-json-fmt" and entry.get("result") == "pending_match" for entry in entries)
+    assert any(
+        entry.get("request_id") == "req-json-fmt" and entry.get("result") == "pending_match" for entry in entries
+    )
 
 
 def test_level_and_backup_count_are_honoured(make_settings: Callable[..., Settings]) -> None:

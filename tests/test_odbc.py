@@ -27,7 +27,9 @@ def _freetds_library() -> Path:
     libraries = [Path(line) for line in listing.stdout.splitlines() if line.endswith("libtdsodbc.so")]
     odbc_manager = subprocess.run(["dpkg", "-s", "unixodbc"], capture_output=True, text=True, check=False)  # noqa: S607
     if not libraries or odbc_manager.returncode != 0:
-        require_service("FreeTDS/unixODBC", "instale los paquetes unixodbc y tdsodbc (apt-get install unixodbc tdsodbc)")
+        require_service(
+            "FreeTDS/unixODBC", "instale los paquetes unixodbc y tdsodbc (apt-get install unixodbc tdsodbc)"
+        )
     return libraries[0]
 
 

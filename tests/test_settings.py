@@ -202,7 +202,10 @@ def test_callback_token_is_one_value_taken_whole(monkeypatch: pytest.MonkeyPatch
 def test_list_settings_are_typed_once(tmp_path: Path) -> None:
     """Lists are parsed when the Settings is built: a comma string or a list, either way."""
     from_text = Settings(
-        _env_file=None, final_states="completed, run_failed", jwt_algorithms="RS256,ES256", allowed_ips="10.0.0.0/8, ::1"
+        _env_file=None,
+        final_states="completed, run_failed",
+        jwt_algorithms="RS256,ES256",
+        allowed_ips="10.0.0.0/8, ::1",
     )
     from_list = Settings(
         _env_file=None, final_states=["COMPLETED", "RUN_FAILED"], jwt_algorithms=["RS256", "ES256"],

@@ -88,7 +88,9 @@ def log_fields(logger: logging.Logger, level: int, msg: str, *args: object, fiel
     per-callback line is written this way. `fields` become top-level keys with LOG_FORMAT=json.
     """
     if logger.isEnabledFor(level):
-        logger.handle(logger.makeRecord(logger.name, level, "", 0, msg, args, None, "callback", extra={"fields": fields}))
+        logger.handle(
+            logger.makeRecord(logger.name, level, "", 0, msg, args, None, "callback", extra={"fields": fields})
+        )
 
 
 class _RenderedQueueHandler(logging.handlers.QueueHandler):

@@ -80,7 +80,9 @@ class Runtime:
         settings = self.settings
         self.logging_handle = ensure_logging(settings)
         engine = make_engine(
-            settings.resolved_database_url(), pool_size=settings.server_threads, connect_timeout=settings.sql_connect_timeout
+            settings.resolved_database_url(),
+            pool_size=settings.server_threads,
+            connect_timeout=settings.sql_connect_timeout,
         )
         self.repository = Repository(engine, settings.final_state_set)
         if engine.dialect.name == "sqlite":

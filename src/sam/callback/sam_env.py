@@ -56,6 +56,7 @@ NAMES: dict[str, tuple[str, ...]] = {
 # Settings whose value is read regardless of case: `INFO` and `info` do not disagree.
 _CASE_INSENSITIVE = frozenset({"auth_mode", "log_level", "docs_enabled"})
 
+
 def env_name(field: str) -> str:
     """How messages name `field`: SAM's current name first, then the older ones (`NEW/OLD`)."""
     names = NAMES.get(field)
@@ -98,7 +99,11 @@ def conflicts(variables: Mapping[str, str]) -> list[tuple[str, str, str]]:
         values = [variables[name].strip() for name in set_names]
         if field in _CASE_INSENSITIVE:
             values = [value.lower() for value in values]
-        found += [(field, set_names[0], other) for other, value in zip(set_names[1:], values[1:]) if value != values[0]]
+        found += [
+            (field, set_names[0], other)
+            for other, value in zip(set_names[1:], values[1:], strict=True)
+            if value != values[0]
+        ]
     return found
 
 
