@@ -239,6 +239,9 @@ def test_check_with_sam_env_file(tmp_path: Path, release: str) -> None:
     if release == "01b29a7":
         # APIGW_CLIENT_ID (the auth server's, read first as SAM does) and API_GATEWAY_CLIENT_ID differ.
         assert "[AVISO] APIGW_CLIENT_ID y API_GATEWAY_CLIENT_ID tienen valores distintos" in output
+    else:
+        # SAM's current file sets APIGW_CLIENT_ID for the gateway and again for the auth server.
+        assert "[AVISO] APIGW_CLIENT_ID aparece varias veces en .env con valores distintos" in output
     assert FIXTURES[release][1] not in output and all(secret not in output for secret in SECRETS)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .auth import Authenticator
 from .repository import Repository, describe_error, display_url, driver_problem, make_engine
-from .sam_env import conflicts, read_environment
+from .sam_env import conflicts, read_environment, repeated_in_file
 from .settings import ConfigError, Settings
 from .spool import Spool, SpoolError
 
@@ -28,6 +28,8 @@ def run_checks(settings: Settings) -> int:
     _line(True, f"Configuración válida (modo de autenticación: {settings.auth_mode})")
     for _field, used, ignored in conflicts(read_environment()):
         _line(None, f"{used} y {ignored} tienen valores distintos: se usa {used} (el nombre actual de SAM)")
+    for name in repeated_in_file():
+        _line(None, f"{name} aparece varias veces en .env con valores distintos: se usa la última línea")
     for warning in authenticator.warnings:
         _line(None, warning)
     if settings.auth_mode == "none":

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from dotenv import dotenv_values
+from dotenv.parser import parse_stream
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
@@ -105,6 +106,23 @@ def conflicts(variables: Mapping[str, str]) -> list[tuple[str, str, str]]:
             if value != values[0]
         ]
     return found
+
+
+def repeated_in_file(env_file: str | os.PathLike[str] | None = ".env") -> list[str]:
+    """Names this service reads that the `.env` file sets more than once with different values.
+
+    SAM's own `.env.example` sets APIGW_CLIENT_ID twice (gateway and auth server): the last
+    line wins, for SAM and for this service alike, which an operator may not expect.
+    """
+    if env_file is None or not Path(env_file).is_file():
+        return []
+    ours = {name for names in NAMES.values() for name in names}
+    seen: dict[str, set[str]] = {}
+    with open(env_file, encoding="utf-8") as stream:
+        for binding in parse_stream(stream):
+            if binding.key is not None and binding.key.upper() in ours:
+                seen.setdefault(binding.key.upper(), set()).add((binding.value or "").strip())
+    return sorted(name for name, values in seen.items() if len(values) > 1)
 
 
 class SamEnvironmentSource(PydanticBaseSettingsSource):
