@@ -270,3 +270,15 @@ def test_serve_and_check_need_a_complete_configuration(tmp_path: Path, command: 
         "Error de configuración: CALLBACK_AUTH_MODO/CALLBACK_AUTH_MODE=optional exige credenciales: configure "
         "CALLBACK_TOKEN y/o JWT_CLAVE_PUBLICA, o use CALLBACK_AUTH_MODO=none (no recomendado)"
     ]
+
+
+def test_credential_settings_are_spec_11s_list() -> None:
+    """The settings reloaded without a restart, by the names an operator writes."""
+    from sam.callback.sam_env import NAMES
+    from sam.callback.settings import CREDENTIAL_FIELDS
+
+    assert {NAMES[field][0] for field in CREDENTIAL_FIELDS} == {
+        "CALLBACK_TOKEN", "CALLBACK_TOKENS_ANTERIORES", "JWT_CLAVE_PUBLICA", "JWT_AUDIENCE", "JWT_ISSUER",
+        "APIGW_CLIENT_ID", "CALLBACK_ALLOWED_IPS",
+    }  # fmt: skip
+    assert set(NAMES) == set(Settings.model_fields)  # every setting has its SAM names

@@ -27,6 +27,10 @@ ASYMMETRIC_ALGORITHMS = frozenset(
 )
 AuthMode = Literal["optional", "required", "none"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# SPEC 11: the settings that are credentials (re-read without a restart); the rest need one.
+CREDENTIAL_FIELDS = frozenset(
+    {"token", "previous_tokens", "jwt_public_key", "jwt_audience", "jwt_issuer", "api_gateway_client_id", "allowed_ips"}
+)
 # LOG_FORMATO values that are not a logging format string.
 NAMED_LOG_FORMATS = frozenset({"text", "json"})
 
