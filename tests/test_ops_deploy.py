@@ -1,4 +1,4 @@
-"""Deployment files: the systemd unit (verified by systemd-analyze when present) and the NSSM script."""
+"""Deployment files: the systemd units (verified by systemd-analyze when present) and the NSSM script."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from sam.callback.settings import Settings
+
 ROOT = Path(__file__).resolve().parents[1]
 UNIT = ROOT / "deploy" / "linux" / "sam-callback.service"
+SOCKET_UNIT = ROOT / "deploy" / "linux" / "sam-callback.socket"
 NSSM_SCRIPT = ROOT / "deploy" / "windows" / "install-service.ps1"
 
 
@@ -57,17 +60,39 @@ def test_systemd_unit_runs_the_service_hardened() -> None:
     assert env["LOG_DIRECTORY"] in writable
 
 
+def test_socket_unit_hands_the_port_to_the_service() -> None:
+    socket_unit = _unit_settings(SOCKET_UNIT.read_text(encoding="utf-8"))
+    service = _unit_settings(UNIT.read_text(encoding="utf-8"))
+    # one TCP port, the default CALLBACK_SERVER_PORT, passed to one service process
+    assert socket_unit["ListenStream"] == [str(Settings.model_fields["server_port"].default)]
+    assert socket_unit["Accept"] == ["no"]
+    assert socket_unit["BindIPv6Only"] == ["both"]
+    assert int(socket_unit["Backlog"][0]) >= 1024
+    assert socket_unit["WantedBy"] == ["sockets.target"]
+    assert SOCKET_UNIT.name in service["Requires"]
+    assert SOCKET_UNIT.name in service["After"]
+    # LISTEN_PID names the process systemd starts: Python itself, not a shell in between
+    assert service["ExecStart"][-1].split()[0].endswith("/python")
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze no está instalado")
 def test_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     # verify checks that ExecStart exists: point it at this interpreter, the rest unchanged.
     text = re.sub(r"(?m)^ExecStart=\S+", f"ExecStart={sys.executable}", UNIT.read_text(encoding="utf-8"))
     unit = tmp_path / UNIT.name
     unit.write_text(text, encoding="utf-8")
+    # the service Requires= the socket: verify loads it from the same folder
+    socket_unit = tmp_path / SOCKET_UNIT.name
+    socket_unit.write_text(SOCKET_UNIT.read_text(encoding="utf-8"), encoding="utf-8")
     done = subprocess.run(
-        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60, check=False
+        ["systemd-analyze", "verify", str(socket_unit), str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
-    problems = [line for line in done.stderr.splitlines() if UNIT.name in line]
+    problems = [line for line in done.stderr.splitlines() if UNIT.name in line or SOCKET_UNIT.name in line]
     assert problems == []
 
 

@@ -8,12 +8,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from sam.callback import recorder as recorder_module
-from sam.callback.recorder import Recorder
+from sam.callback.recorder import Recorder, RecorderEvents
 from sam.callback.repository import Callback, Outcome, Repository, make_engine
 from sam.callback.spool import Spool
-from tests.utils import insert_run
+from tests.utils import insert_run, wait_for
 
 
 @pytest.fixture
@@ -76,3 +77,33 @@ def test_a_stuck_writer_hands_each_callback_back_to_its_request(
         release.set()
         recorder.stop()
     assert spool.stats().queued >= 2
+
+
+def test_unmatched_and_refused_callbacks_reach_the_alert_hooks(parts: tuple[Repository, Spool, str]) -> None:
+    """A run whose row never appears, and a statement the table refuses for good, are both announced."""
+    repository, spool, url = parts
+    unmatched: list[str] = []
+    refused: list[tuple[str, str]] = []
+    events = RecorderEvents(
+        on_unmatched=lambda entry: unmatched.append(entry.deployment_id),
+        on_refused=lambda deployment_id, _status, error: refused.append((deployment_id, error)),
+    )
+    recorder = Recorder(repository, spool, match_window=0, events=events)
+    recorder.start()
+    try:
+        assert asyncio.run(recorder.submit(_callback("sin-fila"), "req-1")) == "pending_match"
+        wait_for(lambda: unmatched == ["sin-fila"], what="aviso de no emparejado")
+        insert_run(url, "rechazada")
+        engine = sa.create_engine(url)
+        with engine.begin() as conn:
+            conn.exec_driver_sql('ALTER TABLE "Ejecuciones" DROP COLUMN "FechaInicioReal"')
+        engine.dispose()
+        assert asyncio.run(recorder.submit(_callback("rechazada"), "req-2")) == "queued"
+    finally:
+        recorder.stop()
+    assert (
+        [d for d, _ in refused] == ["rechazada"]
+        and "no such column" in refused[0][1]
+        and "FechaInicioReal" in refused[0][1]
+    )
+    assert spool.stats().refused == 1

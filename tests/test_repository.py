@@ -23,19 +23,24 @@ def normalise(sql: str) -> str:
 
 
 def test_guarded_update_in_tsql() -> None:
+    """One statement for every status: it ends the run at its arrival, never before FechaInicio."""
     statements = compile_statements(FINALS, mssql_pyodbc.dialect(paramstyle="qmark"), "dbo")
-    final = normalise(statements["update_final"].sql)
+    update = normalise(statements["update"].sql)
     marks = ", ".join("?" * len(FINALS))
-    assert final == normalise(
-        "UPDATE dbo.[Ejecuciones] SET [FechaFin]=GETDATE(), [Estado]=?, [FechaActualizacion]=GETDATE(), [CallbackInfo]=?, "
-        "[FechaInicioReal]=coalesce(dbo.[Ejecuciones].[FechaInicioReal], GETDATE()) "
+    arrival = "DATEADD(second, -CAST(? AS INT), GETDATE())"
+    received = (
+        f"CASE WHEN (dbo.[Ejecuciones].[FechaInicio] > {arrival}) THEN dbo.[Ejecuciones].[FechaInicio] "
+        f"ELSE {arrival} END"
+    )
+    assert update == normalise(
+        f"UPDATE dbo.[Ejecuciones] SET [FechaFin]={received}, [Estado]=?, [FechaActualizacion]=GETDATE(), "
+        f"[CallbackInfo]=?, [FechaInicioReal]=coalesce(dbo.[Ejecuciones].[FechaInicioReal], {received}) "
         f"WHERE dbo.[Ejecuciones].[DeploymentId] = ? AND (dbo.[Ejecuciones].[Estado] NOT IN ({marks})) "
         "AND dbo.[Ejecuciones].[Estado] != ?"
     )
-    params = statements["update_final"].params(deployment_id="d", new_status="RUN_FAILED", raw="{}")
-    assert params == ("RUN_FAILED", "{}", "d", *FINALS, "RUN_FAILED")
-    open_update = normalise(statements["update_open"].sql)
-    assert "[FechaFin]" not in open_update and "GETDATE()" in open_update
+    params = statements["update"].params(deployment_id="d", new_status="RUNNING", raw="{}", waited=12.0)
+    assert params == (12.0, 12.0, "RUNNING", "{}", 12.0, 12.0, "d", *FINALS, "RUNNING")
+    assert set(statements) == {"update", "lookup"}
     assert (
         normalise(statements["lookup"].sql)
         == "SELECT dbo.[Ejecuciones].[Estado] FROM dbo.[Ejecuciones] WHERE dbo.[Ejecuciones].[DeploymentId] = ?"
@@ -51,12 +56,13 @@ def test_statements_are_parameterised_on_every_dialect() -> None:
     ):
         for prepared in compile_statements(FINALS, dialect, schema).values():
             assert evil not in prepared.sql and "RUN_FAILED" not in prepared.sql
-            assert evil in str(prepared.params(deployment_id=evil, new_status="S", raw="{}"))
+            assert evil in str(prepared.params(deployment_id=evil, new_status="S", raw="{}", waited=0.0))
 
 
 def test_postgresql_uses_sams_quoted_names() -> None:
-    sql = compile_statements(FINALS, pg_psycopg.dialect())["update_final"].sql
-    assert 'UPDATE "Ejecuciones" SET "FechaFin"=LOCALTIMESTAMP(0)' in sql and '"CallbackInfo"' in sql
+    sql = compile_statements(FINALS, pg_psycopg.dialect())["update"].sql
+    assert 'UPDATE "Ejecuciones" SET "FechaFin"=CASE' in sql and '"CallbackInfo"' in sql
+    assert "LOCALTIMESTAMP(0) - make_interval(secs => %(waited)s)" in sql
 
 
 def test_init_db_tsql_matches_sams_table() -> None:

@@ -185,6 +185,7 @@ async def _ready(runtime: Runtime) -> JSONResponse:
             "queued": stats.queued,
             "pending_match": stats.pending,
             "oldest_age_seconds": round(time.time() - stats.oldest_received_at, 1) if stats.oldest_received_at else 0,
+            "refused": stats.refused,
         }
     warnings = []
     if runtime.settings.auth_mode == "none":
@@ -193,13 +194,24 @@ async def _ready(runtime: Runtime) -> JSONResponse:
     warnings.extend(runtime.authenticator.warnings)
     if stats is None:
         warnings.append("el spool no está disponible: si la base de datos cae, los callbacks se rechazarán con 503")
-    code = "ready" if database["reachable"] else "not_ready"
+    refused = stats.refused if stats is not None else 0
+    ok = database["reachable"] and not refused
+    if not database["reachable"]:
+        message = "La base de datos no responde; los callbacks se guardan en el spool"
+    elif refused:
+        # A refusal for good (SPEC 8) needs a person: the schema or a permission must be fixed.
+        message = (
+            f"La base de datos rechaza {refused} callbacks de forma permanente ({stats.refused_error if stats else ''}); "
+            "quedan en el spool: ejecute `sam-callback check`, corrija la tabla y `sam-callback spool retry`"
+        )
+        database["refused_error"] = stats.refused_error if stats else None
+        log.warning("/ready: %d callbacks rechazados por la base de datos (%s)", refused, database["refused_error"])
+    else:
+        message = "Servicio listo"
     body = {
-        "status": "OK" if database["reachable"] else "ERROR",
-        "code": code,
-        "message": "Servicio listo"
-        if database["reachable"]
-        else "La base de datos no responde; los callbacks se guardan en el spool",
+        "status": "OK" if ok else "ERROR",
+        "code": "ready" if ok else "not_ready",
+        "message": message,
         "request_id": request_id_var.get(),
         "database": database,
         "spool": spool,
@@ -209,8 +221,8 @@ async def _ready(runtime: Runtime) -> JSONResponse:
     }
     return JSONResponse(
         body,
-        status_code=200 if database["reachable"] else 503,
-        headers=None if database["reachable"] else {"Retry-After": "10"},
+        status_code=200 if ok else 503,
+        headers=None if ok else {"Retry-After": "10"},
     )
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from typing import Any
+
 from .auth import Authenticator
 from .repository import Repository, describe_error, display_url, driver_problem, make_engine
 from .sam_env import conflicts, read_environment, repeated_in_file
@@ -9,6 +12,52 @@ from .settings import ConfigError, Settings
 from .spool import Spool, SpoolError
 
 MIN_TOKEN_LENGTH = 32
+
+_MIGRATION_005 = "aplique database/migrations/005_add_fecha_inicio_real.sql de SAM"
+_MIGRATION_007 = "aplique database/migrations/007_increase_callback_info_size.sql de SAM"
+# Columns the guarded UPDATE writes or reads, the least each must hold, and the remedy.
+_REQUIRED: tuple[tuple[str, int | None, str], ...] = (
+    ("DeploymentId", 50, "la tabla no es la de SAM: revise el esquema de SAM"),
+    ("Estado", 20, "la tabla no es la de SAM: revise el esquema de SAM"),
+    ("CallbackInfo", None, _MIGRATION_007),
+    ("FechaInicio", 0, "la tabla no es la de SAM: revise el esquema de SAM"),
+    ("FechaFin", 0, "la tabla no es la de SAM: revise el esquema de SAM"),
+    ("FechaActualizacion", 0, "la tabla no es la de SAM: revise el esquema de SAM"),
+    ("FechaInicioReal", 0, _MIGRATION_005),
+)
+
+
+def _length(column_type: Any) -> int | None:
+    """The declared character length, None when unbounded (TEXT, NVARCHAR(max))."""
+    length = getattr(column_type, "length", None)
+    if isinstance(length, str):  # SQL Server reflects NVARCHAR(max) as length "max" on some versions
+        return None
+    return length if isinstance(length, int) and length > 0 else None
+
+
+def column_problems(columns: Iterable[Mapping[str, Any]], *, enforces_lengths: bool = True) -> list[str]:
+    """What keeps the service's UPDATE from working, from reflected `Ejecuciones` columns (one line each).
+
+    `columns` are the dictionaries of SQLAlchemy's `Inspector.get_columns`; `enforces_lengths`
+    is False on SQLite, which stores any length whatever the declared type says.
+    """
+    found = {str(column["name"]): column["type"] for column in columns}
+    problems: list[str] = []
+    for name, least, remedy in _REQUIRED:
+        if name not in found:
+            problems.append(f"Columna Ejecuciones.{name} ausente: {remedy}")
+            continue
+        if not enforces_lengths or least == 0:
+            continue
+        length = _length(found[name])
+        if least is None and length is not None:
+            problems.append(
+                f"Columna Ejecuciones.{name} admite solo {length} caracteres y el cuerpo del callback "
+                f"puede ser mayor (debe ser NVARCHAR(MAX)/text): {remedy}"
+            )
+        elif least is not None and length is not None and length < least:
+            problems.append(f"Columna Ejecuciones.{name} admite {length} caracteres; necesita {least}: {remedy}")
+    return problems
 
 
 def _line(ok: bool | None, text: str) -> None:
@@ -52,7 +101,14 @@ def run_checks(settings: Settings) -> int:
         repository.ping()
         _line(True, f"Base de datos accesible: {shown}")
         if repository.table_exists():
-            _line(True, "Tabla Ejecuciones presente")
+            problems = column_problems(
+                repository.table_columns(), enforces_lengths=repository.engine.dialect.name != "sqlite"
+            )
+            for problem in problems:
+                failed = True
+                _line(False, problem)
+            if not problems:
+                _line(True, "Tabla Ejecuciones presente, con las columnas que escribe el servicio")
         elif repository.engine.dialect.name == "sqlite":
             _line(None, "Tabla Ejecuciones ausente: el servicio la creará al arrancar (SQLite)")
         else:

@@ -1,4 +1,4 @@
-"""The `sam-callback` command: serve, check, init-db, send, spool, status."""
+"""The `sam-callback` command: serve, check, init-db, send, spool, status, test-mail."""
 
 from __future__ import annotations
 
@@ -42,15 +42,22 @@ def _parser() -> argparse.ArgumentParser:
     spool_commands = spool.add_subparsers(dest="spool_command", metavar="ACCION", required=True)
     spool_list = spool_commands.add_parser("list", help="lista los callbacks guardados")
     spool_list.add_argument("--unmatched", action="store_true", help="solo los no emparejados")
+    spool_list.add_argument(
+        "--refused", action="store_true", help="solo los rechazados por la base de datos de forma permanente"
+    )
     spool_list.add_argument("--json", action="store_true", help="salida JSON")
     spool_retry = spool_commands.add_parser(
         "retry", help="los reintenta ya (los no emparejados reciben una nueva ventana)"
     )
     spool_retry.add_argument("--unmatched", action="store_true", help="solo los no emparejados")
+    spool_retry.add_argument("--refused", action="store_true", help="solo los rechazados por la base de datos")
     purge = spool_commands.add_parser("purge", help="borra callbacks del spool")
     purge.add_argument("--all", action="store_true", help="todos, no solo los no emparejados")
     purge.add_argument("--older-than-days", type=float, default=None, help="solo los recibidos hace más de N días")
     purge.add_argument("--yes", action="store_true", help="confirma el borrado")
+    commands.add_parser(
+        "test-mail", help="envía un correo de prueba a EMAIL_DESTINATARIOS con la configuración EMAIL_*"
+    )
     status = commands.add_parser("status", help="resumen de una instancia en marcha")
     status.add_argument(
         "--url",
@@ -146,22 +153,28 @@ def _spool(settings: Settings, args: argparse.Namespace) -> int:
     spool = Spool(settings.spool_path)
     try:
         if args.spool_command == "list":
-            entries = spool.entries(only_unmatched=args.unmatched)
+            entries = spool.entries(only_unmatched=args.unmatched, only_refused=args.refused)
             stats = spool.stats()
             if args.json:
                 print(json.dumps([_entry_dict(e) for e in entries], ensure_ascii=False, indent=2))
                 return EXIT_OK
             print(
-                f"Spool {settings.spool_path}: {stats.queued} en cola, {stats.pending} esperando su ejecución, {stats.unmatched} no emparejados"
+                f"Spool {settings.spool_path}: {stats.queued} en cola, {stats.pending} esperando su ejecución, "
+                f"{stats.unmatched} no emparejados, {stats.refused} rechazados"
             )
+            if stats.refused:
+                print(
+                    "Rechazados: la base de datos no admite el UPDATE (columna ausente o demasiado pequeña, permisos). "
+                    "Ejecute `sam-callback check`, aplique la migración de SAM indicada y `sam-callback spool retry`"
+                )
             for e in entries:
-                state = "NO EMPAREJADO" if e.unmatched else e.kind
+                state = "NO EMPAREJADO" if e.unmatched else ("RECHAZADO" if e.refused else e.kind)
                 print(
                     f"{e.seq:>8}  {_when(e.received_at)}  {state:<14} {e.deployment_id}  {e.status}  intentos={e.attempts}  {e.last_error or ''}"
                 )
             return EXIT_OK
         if args.spool_command == "retry":
-            count = spool.retry_now(only_unmatched=args.unmatched)
+            count = spool.retry_now(only_unmatched=args.unmatched, only_refused=args.refused)
             print(f"{count} callbacks marcados para reintento inmediato (el servicio en marcha los aplicará)")
             return EXIT_OK
         if not args.yes:
@@ -184,6 +197,19 @@ def _status(settings: Settings, args: argparse.Namespace) -> int:
     return show_status(settings, args.url)
 
 
+def _test_mail(settings: Settings, args: argparse.Namespace) -> int:
+    from .logs import secrets_of
+    from .mail import MailError, send_test_mail
+
+    try:
+        config = send_test_mail(settings, secrets_of(settings))
+    except MailError as exc:
+        print(f"No se pudo enviar el correo de prueba: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"Correo de prueba enviado mediante {config.describe()} a: {', '.join(config.recipients)}")
+    return EXIT_OK
+
+
 def _entry_dict(entry: object) -> dict[str, object]:
     from dataclasses import asdict, is_dataclass
 
@@ -201,4 +227,5 @@ _COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "send": _send,
     "spool": _spool,
     "status": _status,
+    "test-mail": _test_mail,
 }

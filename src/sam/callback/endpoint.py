@@ -86,6 +86,7 @@ class CallbackEndpoint:
             return "method_not_allowed", None, None
         if not runtime.resolver.allowed_address(client):
             log.warning("Petición rechazada: la dirección %s no está en CALLBACK_ALLOWED_IPS", client)
+            runtime.alerts.refused(client, 403, ("dirección fuera de CALLBACK_ALLOWED_IPS",))
             await send_envelope(send, "forbidden", request_id)
             return "forbidden", None, None
         verdict = runtime.authenticator.check(
@@ -131,6 +132,7 @@ class CallbackEndpoint:
             return "invalid_payload", None, None
         code = await runtime.recorder.submit(callback, request_id)
         if code == "unavailable":
+            runtime.alerts.unavailable(callback.deployment_id, callback.status, request_id)
             await send_envelope(
                 send, code, request_id, headers=[(b"retry-after", b"30")], deploymentId=callback.deployment_id
             )
@@ -144,6 +146,7 @@ class CallbackEndpoint:
         throttled, retry_after = runtime.throttle.fail(client)
         if throttled:
             runtime.note_throttled(client)
+            runtime.alerts.refused(client, 429, reasons)
             await send_envelope(
                 send,
                 "too_many_requests",
@@ -152,6 +155,7 @@ class CallbackEndpoint:
             )
             return "too_many_requests"
         log.warning("Autenticación fallida cliente=%s motivo=%s", client, "; ".join(reasons))
+        runtime.alerts.refused(client, 401, reasons)
         await send_envelope(
             send,
             "unauthorized",

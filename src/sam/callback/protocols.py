@@ -134,6 +134,7 @@ class HttpToolsHeaderTimeoutProtocol(_HeaderDeadline, HttpToolsProtocol):
     _last_chunk = 0
     _in_head = True
     _head_refused = False
+    _stopping = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
@@ -185,6 +186,17 @@ class HttpToolsHeaderTimeoutProtocol(_HeaderDeadline, HttpToolsProtocol):
         )
         self.transport.close()
 
+    def shutdown(self) -> None:
+        """Graceful stop: answer the request of a connection that has not sent one yet, then close it."""
+        # uvicorn closes a connection without a request at once. One accepted just before the
+        # stop usually has its callback already in the kernel's buffer, unread: closing it then
+        # resets the connection and loses a callback A360 never resends. The header deadline
+        # still bounds a connection that sends nothing.
+        if self.cycle is None and not self.transport.is_closing():
+            self._stopping = True
+            return
+        super().shutdown()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_header_deadline()
         super().connection_lost(exc)
@@ -202,6 +214,8 @@ class HttpToolsHeaderTimeoutProtocol(_HeaderDeadline, HttpToolsProtocol):
         super().on_headers_complete()
         if self.cycle is not cycle:
             self._quiet_access_log()
+            if self._stopping:
+                self.cycle.keep_alive = False
 
     def on_message_complete(self) -> None:
         super().on_message_complete()

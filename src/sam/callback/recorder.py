@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from itertools import groupby
 
 import anyio.to_thread
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 
-from .repository import Callback, Outcome, Repository, describe_error, is_disconnect
+from .repository import Callback, Failure, Outcome, Repository, classify_error, describe_error
 from .spool import PENDING, QUEUED, Spool, SpoolEntry, SpoolError
 
 log = logging.getLogger("sam.callback.recorder")
@@ -34,6 +34,9 @@ _GATHER_SECONDS = 0.001
 _DRAIN_BATCH = 500
 _IDLE_CHECK = 1.0
 _MAX_DB_BACKOFF = 10.0
+# A callback the database refused for good (SPEC 8) is tried again this rarely on its own;
+# `sam-callback spool retry` makes it due at once after the fix.
+REFUSED_RETRY_SECONDS = 3600.0
 
 # How long a request waits for the writer before keeping the callback in the spool itself.
 # Above the database's own limits (lock_timeout 5 s, statement_timeout 15 s): it only fires when
@@ -68,10 +71,23 @@ class _Item:
 
 @dataclass(slots=True)
 class RecorderEvents:
-    """Hooks for metrics; each receives plain values and must not block."""
+    """Hooks for metrics and alerts, called from the writer thread; each must return at once.
+
+    - `on_db_error(where)`: a statement failed ("callback", "spool" or "probe").
+    - `on_applied(result)`: a spooled callback was applied ("updated" or "already_processed").
+    - `on_refused(deployment_id, status, error)`: the database refused a callback for a reason
+      retrying cannot fix (SPEC 8); it stays in the spool marked refused. `error` holds no secret.
+    - `on_unmatched(entry)`: a callback's row never appeared within the match window.
+    - `on_database_down(error)`: a try to reach the database failed; `on_database_up()`: it
+      answers again after failing.
+    """
 
     on_db_error: Callable[[str], None] = lambda _where: None
     on_applied: Callable[[str], None] = lambda _result: None
+    on_refused: Callable[[str, str, str], None] = lambda _deployment_id, _status, _error: None
+    on_unmatched: Callable[[SpoolEntry], None] = lambda _entry: None
+    on_database_down: Callable[[str | None], None] = lambda _error: None
+    on_database_up: Callable[[], None] = lambda: None
 
 
 class Recorder:
@@ -250,7 +266,7 @@ class Recorder:
                 direct.append(item)
             else:
                 to_spool.append((item, kind))
-        if direct and now < self._db_retry_at:
+        if direct and time.monotonic() < self._db_retry_at:
             to_spool += [(item, QUEUED) for item in direct]
         elif direct:
             # Sorted by deploymentId (stable, so one run keeps its order): every process locks
@@ -259,15 +275,16 @@ class Recorder:
             try:
                 outcomes = self.repository.apply_many([item.callback for item in ordered])
             except SQLAlchemyError as exc:
-                self._database_failed(exc, where="callback")
-                to_spool += [(item, QUEUED) for item in ordered]
+                if classify_error(exc) is Failure.DISCONNECT:
+                    self._database_failed(exc, where="callback")
+                    to_spool += [(item, QUEUED) for item in ordered]
+                else:
+                    # The database answered but refused a statement: one bad row (a lock, a
+                    # value too long) must not send every other callback of the batch away.
+                    to_spool += self._isolate(ordered, exc, now)
             else:
                 self._database_answered()
-                for item, outcome in zip(ordered, outcomes, strict=True):
-                    if outcome is Outcome.NOT_FOUND:
-                        to_spool.append((item, PENDING))
-                    else:
-                        item.result = outcome.value
+                to_spool += self._settle(ordered, outcomes)
         if to_spool:
             try:
                 self.spool.add(
@@ -284,12 +301,89 @@ class Recorder:
                     item.result = kind
                 self._next_drain = min(self._next_drain, now + pending_delay(0))
 
+    @staticmethod
+    def _settle(items: list[_Item], outcomes: list[Outcome]) -> list[tuple[_Item, str]]:
+        """Set the answers the database gave; return the callbacks whose row is still missing."""
+        missing: list[tuple[_Item, str]] = []
+        for item, outcome in zip(items, outcomes, strict=True):
+            if outcome is Outcome.NOT_FOUND:
+                missing.append((item, PENDING))
+            else:
+                item.result = outcome.value
+        return missing
+
+    def _isolate(self, ordered: list[_Item], first: SQLAlchemyError, now: float) -> list[tuple[_Item, str]]:
+        """Apply a refused batch one callback at a time; return what goes to the spool (queued or pending)."""
+        to_spool: list[tuple[_Item, str]] = []
+        refused: list[tuple[_Item, str]] = []
+        held: set[str] = set()  # runs with a callback kept back: their later ones wait behind it
+        for index, item in enumerate(ordered):
+            deployment_id = item.callback.deployment_id
+            if deployment_id in held:
+                to_spool.append((item, QUEUED))
+                continue
+            exc: SQLAlchemyError | None = first if len(ordered) == 1 else None
+            if exc is None:
+                try:
+                    outcomes = self.repository.apply_many([item.callback])
+                except SQLAlchemyError as error:
+                    exc = error
+                else:
+                    missing = self._settle([item], outcomes)
+                    to_spool += missing
+                    held.update(i.callback.deployment_id for i, _ in missing)
+                    continue
+            failure = classify_error(exc)
+            if failure is Failure.DISCONNECT:
+                self._database_failed(exc, where="callback")
+                to_spool += [(rest, QUEUED) for rest in ordered[index:]]
+                break
+            held.add(deployment_id)
+            self.events.on_db_error("callback")
+            if failure is Failure.PERMANENT:
+                refused.append((item, describe_error(exc)))
+            else:
+                log.warning(
+                    "Error transitorio al registrar deploymentId=%s (%s); callback guardado en el spool request_id=%s",
+                    deployment_id, describe_error(exc), item.request_id,
+                )  # fmt: skip
+                to_spool.append((item, QUEUED))
+        if refused:
+            self._keep_refused(refused, now)
+        return to_spool
+
+    def _keep_refused(self, refused: list[tuple[_Item, str]], now: float) -> None:
+        try:
+            self.spool.add_refused(
+                ((item.callback, item.request_id, error) for item, error in refused),
+                now=now,
+                retry_at=now + REFUSED_RETRY_SECONDS,
+            )
+        except SpoolError as exc:
+            log.error("No se pudo guardar en el spool %d callbacks rechazados: %s", len(refused), exc)
+            for item, _error in refused:
+                item.result = UNAVAILABLE
+            return
+        for item, error in refused:
+            item.result = QUEUED
+            self._refused(item.callback.deployment_id, item.callback.status, error, item.request_id)
+
+    def _refused(self, deployment_id: str, status: str, error: str, request_id: str) -> None:
+        log.error(
+            "La base de datos rechaza el callback de forma permanente (%s): queda en el spool como rechazado "
+            "deploymentId=%s request_id=%s. Ejecute `sam-callback check`, corrija la tabla y después "
+            "`sam-callback spool retry`",
+            error, deployment_id, request_id,
+        )  # fmt: skip
+        self.events.on_refused(deployment_id, status, error)
+
     def _database_failed(self, exc: BaseException, *, where: str) -> None:
         self.last_db_error = describe_error(exc)
         self._db_backoff = min(_MAX_DB_BACKOFF, max(0.5, self._db_backoff * 2))
-        self._db_retry_at = time.time() + self._db_backoff
-        self._next_drain = min(self._next_drain, self._db_retry_at)
+        self._db_retry_at = time.monotonic() + self._db_backoff
+        self._next_drain = min(self._next_drain, time.time() + self._db_backoff)
         self.events.on_db_error(where)
+        self.events.on_database_down(self.last_db_error)
         log.warning(
             "Base de datos no disponible (%s); los callbacks van al spool. Reintento en %.1f s",
             self.last_db_error,
@@ -299,6 +393,7 @@ class Recorder:
     def _database_answered(self) -> None:
         if self._db_backoff:
             log.info("La base de datos responde de nuevo; se vacía el spool")
+            self.events.on_database_up()
             # Backoff may have pushed queued callbacks up to a minute away; the outage is over.
             with contextlib.suppress(SpoolError):
                 self.spool.queued_due_now(now=time.time())
@@ -312,8 +407,9 @@ class Recorder:
     def _drain_step(self) -> None:
         now = time.time()
         self._next_drain = now + _IDLE_CHECK
-        if now < self._db_retry_at:
-            self._next_drain = self._db_retry_at
+        backing_off = self._db_retry_at - time.monotonic()
+        if backing_off > 0:
+            self._next_drain = now + backing_off
             return
         try:
             due = self.spool.next_due()
@@ -353,28 +449,25 @@ class Recorder:
         try:
             applied, missing = self._apply_chains(chains)
         except SQLAlchemyError as exc:
-            if len(chains) == 1 or not _row_level(exc):
+            if len(chains) == 1 or classify_error(exc) is Failure.DISCONNECT:
                 applied, missing, failed = [], [], [(chain, exc) for chain in chains]
             else:
                 # The database answers but one run's row refuses (a lock held past
-                # lock_timeout, a serialization failure, a trigger): try each run on its own so
-                # that one bad row does not hold every other spooled callback back for ever.
+                # lock_timeout, a serialization failure, a trigger, a value too long): try each
+                # run on its own so that one bad row does not hold every other one back.
                 applied, missing, failed = self._apply_each(chains)
         if failed:
-            self.spool.reschedule(
-                (chain[0].seq, now + retry_delay(chain[0].attempts), chain[0].kind, describe_error(exc), False)
-                for chain, exc in failed
-            )
+            self._reschedule_failed(failed, now)
             if not applied and not missing:
                 first_error = failed[0][1]
-                if not _row_level(first_error):
+                if classify_error(first_error) is Failure.DISCONNECT:
                     self._database_failed(first_error, where="spool")
                     return
                 # The database answered: keeping the circuit shut lets each failing run back
                 # off on its own schedule instead of being made due again whenever it closes.
                 self.events.on_db_error("spool")
                 log.warning(
-                    "Error transitorio al aplicar %d callbacks del spool (%s); se reintentarán",
+                    "Error al aplicar %d callbacks del spool (%s); se reintentarán",
                     len(failed), describe_error(first_error),
                 )  # fmt: skip
                 return
@@ -387,10 +480,12 @@ class Recorder:
                 entry.deployment_id, entry.status, result, entry.request_id, now - entry.received_at,
             )  # fmt: skip
         updates = []
+        expired_entries = []
         for entry in missing:
-            age = now - entry.received_at
+            age = now - entry.window_start
             expired = age >= self.match_window
             if expired:
+                expired_entries.append(entry)
                 log.warning(
                     "Callback sin ejecución tras la ventana de espera: deploymentId=%s request_id=%s queda como no emparejado",
                     entry.deployment_id,
@@ -399,6 +494,24 @@ class Recorder:
             updates.append((entry.seq, now + pending_delay(age), PENDING, None, expired))
         if updates:
             self.spool.reschedule(updates)
+        for entry in expired_entries:
+            self.events.on_unmatched(entry)
+
+    def _reschedule_failed(self, failed: list[tuple[list[SpoolEntry], SQLAlchemyError]], now: float) -> None:
+        """Back off each failed run; one refused for good waits for `spool retry` (or an hour)."""
+        transient = []
+        refused = []
+        for chain, exc in failed:
+            head, error = chain[0], describe_error(exc)
+            if classify_error(exc) is Failure.PERMANENT:
+                refused.append((head.seq, now + REFUSED_RETRY_SECONDS, head.kind, error, False))
+                self._refused(head.deployment_id, head.status, error, head.request_id)
+            else:
+                transient.append((head.seq, now + retry_delay(head.attempts), head.kind, error, False))
+        if transient:
+            self.spool.reschedule(transient)
+        if refused:
+            self.spool.reschedule(refused, refused=True)
 
     def _apply_each(
         self, chains: list[list[SpoolEntry]]
@@ -411,7 +524,7 @@ class Recorder:
                 chain_applied, chain_missing = self._apply_chains([chain])
             except SQLAlchemyError as exc:
                 failed.append((chain, exc))
-                if not _row_level(exc):
+                if classify_error(exc) is Failure.DISCONNECT:
                     failed += [(rest, exc) for rest in chains[index + 1 :]]
                     break
             else:
@@ -420,22 +533,25 @@ class Recorder:
         return applied, missing, failed
 
     def _apply_chains(self, chains: list[list[SpoolEntry]]) -> tuple[list[tuple[SpoolEntry, str]], list[SpoolEntry]]:
+        entries = [entry for chain in chains for entry in chain]
+        # Each run ends when its callback arrived, not now: the wait is subtracted from the
+        # database's clock in the statement itself.
+        wall = time.time()
+        outcomes = self.repository.apply_many(
+            [entry.callback for entry in entries], waited=[wall - entry.received_at for entry in entries]
+        )
         applied: list[tuple[SpoolEntry, str]] = []
         missing: list[SpoolEntry] = []
-        with self.repository.engine.begin() as conn:
-            for chain in chains:
-                for entry in chain:
-                    outcome = self.repository.apply_one(conn, entry.callback)
-                    if outcome is Outcome.NOT_FOUND:
-                        missing.append(entry)
-                        break
-                    applied.append((entry, outcome.value))
+        stopped: set[str] = set()
+        for entry, outcome in zip(entries, outcomes, strict=True):
+            if entry.deployment_id in stopped:
+                continue
+            if outcome is Outcome.NOT_FOUND:
+                missing.append(entry)
+                stopped.add(entry.deployment_id)
+            else:
+                applied.append((entry, outcome.value))
         return applied, missing
-
-
-def _row_level(exc: SQLAlchemyError) -> bool:
-    """True when the database answered but refused this statement (lock, serialization, trigger)."""
-    return isinstance(exc, DBAPIError) and not is_disconnect(exc)
 
 
 def _set_results(batch: list[_Item]) -> None:

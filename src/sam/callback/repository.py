@@ -17,6 +17,7 @@ from sqlalchemy import (
     Connection,
     DateTime,
     Engine,
+    Float,
     Identity,
     Integer,
     MetaData,
@@ -25,6 +26,7 @@ from sqlalchemy import (
     Unicode,
     UnicodeText,
     bindparam,
+    case,
     create_engine,
     event,
     func,
@@ -127,21 +129,50 @@ class Callback:
     raw: str
 
 
-def guarded_update(final_states: Iterable[str], *, final: bool) -> Any:
-    """The one atomic statement of SPEC 4.1; `final` says whether the new status is final."""
+class arrival(FunctionElement[Any]):  # noqa: N801 - reads like the SQL function it renders
+    """The moment a callback arrived on the database's clock: its now minus the seconds waited."""
+
+    type = DateTime()
+    inherit_cache = True
+
+
+def _waited(element: arrival, compiler: Any, **kw: Any) -> str:
+    (waited,) = list(element.clauses)
+    return str(compiler.process(waited, **kw))
+
+
+@compiles(arrival)
+def _arrival_default(element: arrival, compiler: Any, **kw: Any) -> str:
+    return f"CURRENT_TIMESTAMP - {_waited(element, compiler, **kw)}"
+
+
+@compiles(arrival, "mssql")
+def _arrival_mssql(element: arrival, compiler: Any, **kw: Any) -> str:
+    # DATEADD wants an int; the columns keep whole seconds anyway.
+    return f"DATEADD(second, -CAST({_waited(element, compiler, **kw)} AS INT), GETDATE())"
+
+
+@compiles(arrival, "postgresql")
+def _arrival_postgresql(element: arrival, compiler: Any, **kw: Any) -> str:
+    return f"LOCALTIMESTAMP(0) - make_interval(secs => {_waited(element, compiler, **kw)})"
+
+
+@compiles(arrival, "sqlite")
+def _arrival_sqlite(element: arrival, compiler: Any, **kw: Any) -> str:
+    # printf, not string concatenation: a float such as 1e-05 would make an invalid modifier.
+    return f"datetime('now', 'localtime', printf('-%.3f seconds', {_waited(element, compiler, **kw)}))"
+
+
+def guarded_update(final_states: Iterable[str]) -> Any:
+    """The one atomic statement of SPEC 4.1, for every status: it records the callback and ends the run."""
     t = ejecuciones
-    now = db_now()
     # One bind parameter per final state (not an expanding IN) so the statement compiles once
     # to plain SQL that the hot path executes on the driver cursor.
     finals = [bindparam(f"final_{i}", state, type_=Unicode(20)) for i, state in enumerate(sorted(final_states))]
-    values: dict[str, Any] = {
-        "Estado": bindparam("new_status", type_=Unicode(20)),
-        "CallbackInfo": bindparam("raw", type_=UnicodeText()),
-        "FechaActualizacion": now,
-        "FechaInicioReal": func.coalesce(t.c.FechaInicioReal, now),
-    }
-    if final:
-        values["FechaFin"] = now
+    arrived = arrival(bindparam("waited", type_=Float()))
+    # A callback cannot end a run before it started: a row whose FechaInicio is later than the
+    # arrival (clocks apart, a launcher that wrote late) ends at its start.
+    received = case((t.c.FechaInicio > arrived, t.c.FechaInicio), else_=arrived)
     return (
         update(t)
         .where(
@@ -149,7 +180,17 @@ def guarded_update(final_states: Iterable[str], *, final: bool) -> Any:
             t.c.Estado.not_in(finals),
             t.c.Estado != bindparam("new_status", type_=Unicode(20)),
         )
-        .values(values)
+        .values(
+            {
+                "Estado": bindparam("new_status", type_=Unicode(20)),
+                "CallbackInfo": bindparam("raw", type_=UnicodeText()),
+                "FechaActualizacion": db_now(),
+                "FechaInicioReal": func.coalesce(t.c.FechaInicioReal, received),
+                # Every accepted callback ends the run: SAM's reconciler skips every row whose
+                # CallbackInfo is set, so a row left without FechaFin would stay open for ever.
+                "FechaFin": received,
+            }
+        )
     )
 
 
@@ -185,10 +226,68 @@ def compile_statements(
 ) -> dict[str, _Prepared]:
     """The hot-path statements as the given database will receive them."""
     return {
-        "update_final": _Prepared(guarded_update(final_states, final=True), dialect, schema),
-        "update_open": _Prepared(guarded_update(final_states, final=False), dialect, schema),
+        "update": _Prepared(guarded_update(final_states), dialect, schema),
         "lookup": _Prepared(lookup_state(), dialect, schema),
     }
+
+
+class Failure(enum.Enum):
+    """What a database error means for the callback that met it."""
+
+    # The database as a whole is out of reach (down, unreachable, no free connection, an SQLite
+    # file locked by another process): spool everything, back off, probe.
+    DISCONNECT = "disconnect"
+    TRANSIENT = "transient"  # the database answered but refused this time: retry with backoff
+    PERMANENT = "permanent"  # retrying cannot fix it (schema, size, permission): keep, alert
+
+
+# SQLSTATEs of refusals that pass (locks, deadlocks, serialization, cancelled statements,
+# shutdowns, lack of resources) and of refusals only a person can fix.
+_TRANSIENT_STATES = ("40", "55P03", "57", "53", "HYT0", "08")
+_PERMANENT_STATES = ("42", "22", "23", "0A", "44")
+# SQL Server's native numbers, which pyodbc puts in the message as "(207)".
+_MSSQL_TRANSIENT = {1205, 1222, -2}
+_MSSQL_PERMANENT = {207, 208, 8152, 2628, 229, 230, 515, 547, 2627, 2601}
+_MSSQL_NATIVE = re.compile(r"\((-?\d+)\)")
+_SQLITE_PERMANENT = ("no such column", "no such table", "has no column", "constraint failed", "datatype mismatch")
+
+
+def classify_error(exc: BaseException) -> Failure:
+    """Tell an unreachable database from a passing refusal and from one that retrying cannot fix."""
+    if not isinstance(exc, DBAPIError):
+        # A pool that gives no connection in time, an OSError: nothing reached a table.
+        return Failure.DISCONNECT
+    orig = exc.orig
+    if exc.connection_invalidated:
+        return Failure.DISCONNECT
+    sqlstate = getattr(orig, "sqlstate", None)  # psycopg
+    if sqlstate is None and orig is not None and orig.args and isinstance(orig.args[0], str):
+        # pyodbc: args are (SQLSTATE, message with the native error number in parentheses).
+        candidate = orig.args[0]
+        if len(candidate) == 5 and candidate.isalnum() and len(orig.args) > 1:
+            sqlstate = candidate
+            for number in _MSSQL_NATIVE.findall(str(orig.args[1])):
+                if int(number) in _MSSQL_TRANSIENT:
+                    return Failure.TRANSIENT
+                if int(number) in _MSSQL_PERMANENT:
+                    return Failure.PERMANENT
+    if isinstance(sqlstate, str) and sqlstate:
+        if sqlstate.startswith("08"):
+            return Failure.DISCONNECT
+        if sqlstate.startswith(_TRANSIENT_STATES):
+            return Failure.TRANSIENT
+        if sqlstate.startswith(_PERMANENT_STATES):
+            return Failure.PERMANENT
+        return Failure.TRANSIENT
+    if isinstance(orig, sqlite3.Error):
+        message = str(orig).lower()
+        if isinstance(orig, sqlite3.IntegrityError | sqlite3.DataError | sqlite3.ProgrammingError) or any(
+            fragment in message for fragment in _SQLITE_PERMANENT
+        ):
+            return Failure.PERMANENT
+        # "database is locked"/busy included: SQLite locks the whole file, not one row.
+        return Failure.DISCONNECT
+    return Failure.DISCONNECT if is_disconnect(exc) else Failure.TRANSIENT
 
 
 def is_disconnect(exc: BaseException) -> bool:
@@ -276,52 +375,74 @@ class Repository:
         self.final_states = frozenset(final_states)
         schema = "dbo" if engine.dialect.name == "mssql" else None
         statements = compile_statements(self.final_states, engine.dialect, schema)
-        self._update_final = statements["update_final"]
-        self._update_open = statements["update_open"]
+        self._update = statements["update"]
         self._lookup = statements["lookup"]
 
-    def apply_many(self, callbacks: Sequence[Callback]) -> list[Outcome]:
-        """Record callbacks in one transaction, in order; raise SQLAlchemyError on failure."""
+    def apply_many(self, callbacks: Sequence[Callback], waited: Sequence[float] | None = None) -> list[Outcome]:
+        """Record callbacks in one transaction, in order; raise DBAPIError when the database refuses.
+
+        `waited[i]` is how long callback i waited in the spool (seconds; none on the direct
+        path): its run ends at its arrival, not at this write. Once a run's row is missing, that
+        run's later callbacks in the call are not tried (its order would break if the row
+        appeared between two statements).
+        """
+        delays = list(waited) if waited is not None else [0.0] * len(callbacks)
+        params = [self._update_params(callback, delay) for callback, delay in zip(callbacks, delays, strict=True)]
+        dialect = self.engine.dialect
         with self.engine.begin() as conn:
             # On the driver's cursor: SQLAlchemy's per-statement bookkeeping costs more than an
-            # UPDATE by key. Errors still go through SQLAlchemy, which wraps them and
-            # invalidates the pooled connection when the database has gone away.
+            # UPDATE by key. Errors are wrapped below as SQLAlchemy would wrap them.
             dbapi_connection = conn.connection.dbapi_connection
-            cursor = dbapi_connection.cursor()  # type: ignore[union-attr]
             try:
-                if self.engine.dialect.driver == "psycopg":
-                    return self._apply_pipelined(dbapi_connection, callbacks)
-                return [self._apply_on_cursor(cursor, callback) for callback in callbacks]
-            except Exception as exc:
-                conn._handle_dbapi_exception(exc, self._update_open.sql, None, cursor, None)
-                raise
-            finally:
-                with contextlib.suppress(Exception):
-                    cursor.close()
+                if dialect.driver == "psycopg" and len({c.deployment_id for c in callbacks}) == len(callbacks):
+                    return self._pipelined(dbapi_connection, callbacks, params)
+                return self._one_by_one(dbapi_connection, callbacks, params)
+            except dialect.loaded_dbapi.Error as exc:
+                raise self._wrapped(conn, exc) from exc
 
-    def _params(self, callback: Callback) -> tuple[_Prepared, Any]:
-        prepared = self._update_final if callback.status in self.final_states else self._update_open
-        return prepared, prepared.params(
-            deployment_id=callback.deployment_id, new_status=callback.status, raw=callback.raw
+    def _update_params(self, callback: Callback, waited: float) -> Any:
+        return self._update.params(
+            deployment_id=callback.deployment_id,
+            new_status=callback.status,
+            raw=callback.raw,
+            waited=max(0.0, float(waited)),
         )
 
-    def _apply_on_cursor(self, cursor: Any, callback: Callback) -> Outcome:
-        prepared, params = self._params(callback)
-        cursor.execute(prepared.sql, params)
-        if cursor.rowcount == 1:
-            return Outcome.UPDATED
-        cursor.execute(self._lookup.sql, self._lookup.params(deployment_id=callback.deployment_id))
-        return Outcome.ALREADY_PROCESSED if cursor.fetchone() is not None else Outcome.NOT_FOUND
+    def _lookup_params(self, callback: Callback) -> Any:
+        return self._lookup.params(deployment_id=callback.deployment_id)
 
-    def _apply_pipelined(self, connection: Any, callbacks: Sequence[Callback]) -> list[Outcome]:
+    def _one_by_one(self, connection: Any, callbacks: Sequence[Callback], params: list[Any]) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        missing: set[str] = set()
+        cursor = connection.cursor()
+        try:
+            for callback, update_params in zip(callbacks, params, strict=True):
+                if callback.deployment_id in missing:
+                    outcomes.append(Outcome.NOT_FOUND)
+                    continue
+                cursor.execute(self._update.sql, update_params)
+                if cursor.rowcount == 1:
+                    outcomes.append(Outcome.UPDATED)
+                    continue
+                cursor.execute(self._lookup.sql, self._lookup_params(callback))
+                found = cursor.fetchone() is not None
+                outcomes.append(Outcome.ALREADY_PROCESSED if found else Outcome.NOT_FOUND)
+                if not found:
+                    missing.add(callback.deployment_id)
+        finally:
+            with contextlib.suppress(Exception):
+                cursor.close()
+        return outcomes
+
+    def _pipelined(self, connection: Any, callbacks: Sequence[Callback], params: list[Any]) -> list[Outcome]:
         # psycopg's pipeline mode sends the whole batch in one round trip instead of one per
         # callback; the statements still run one after another, in order, in one transaction.
+        # Only for batches with one callback per run: it cannot stop a run at its missing row.
         with connection.pipeline():
             updates = []
-            for callback in callbacks:
+            for update_params in params:
                 cursor = connection.cursor()
-                prepared, params = self._params(callback)
-                cursor.execute(prepared.sql, params)
+                cursor.execute(self._update.sql, update_params)
                 updates.append(cursor)
         outcomes = [Outcome.UPDATED if cursor.rowcount == 1 else Outcome.NOT_FOUND for cursor in updates]
         missed = [i for i, outcome in enumerate(outcomes) if outcome is Outcome.NOT_FOUND]
@@ -330,21 +451,30 @@ class Repository:
                 lookups = []
                 for i in missed:
                     cursor = connection.cursor()
-                    cursor.execute(self._lookup.sql, self._lookup.params(deployment_id=callbacks[i].deployment_id))
+                    cursor.execute(self._lookup.sql, self._lookup_params(callbacks[i]))
                     lookups.append(cursor)
             for i, cursor in zip(missed, lookups, strict=True):
                 if cursor.fetchone() is not None:
                     outcomes[i] = Outcome.ALREADY_PROCESSED
         return outcomes
 
-    def apply_one(self, conn: Connection, callback: Callback) -> Outcome:
-        """Apply one callback inside an open transaction."""
-        prepared = self._update_final if callback.status in self.final_states else self._update_open
-        params = prepared.params(deployment_id=callback.deployment_id, new_status=callback.status, raw=callback.raw)
-        if conn.exec_driver_sql(prepared.sql, params).rowcount == 1:
-            return Outcome.UPDATED
-        row = conn.exec_driver_sql(self._lookup.sql, self._lookup.params(deployment_id=callback.deployment_id)).first()
-        return Outcome.ALREADY_PROCESSED if row is not None else Outcome.NOT_FOUND
+    def _wrapped(self, conn: Connection, exc: Exception) -> BaseException:
+        """The driver's error as the DBAPIError SQLAlchemy raises; a lost connection leaves the pool."""
+        dialect = self.engine.dialect
+        dbapi_connection = conn.connection.dbapi_connection
+        driver_error: Any = exc
+        lost = dialect.is_disconnect(driver_error, dbapi_connection, None)
+        if lost:
+            conn.invalidate(exc)
+        return DBAPIError.instance(
+            self._update.sql,
+            None,
+            exc,
+            dialect.loaded_dbapi.Error,
+            hide_parameters=True,
+            connection_invalidated=lost,
+            dialect=dialect,
+        )
 
     def ping(self) -> None:
         """Raise unless the database answers a trivial query."""
@@ -356,6 +486,12 @@ class Repository:
         with self.engine.connect() as conn:
             schema = "dbo" if self.engine.dialect.name == "mssql" else None
             return bool(inspect(conn).has_table("Ejecuciones", schema=schema))
+
+    def table_columns(self) -> list[Any]:
+        """`Ejecuciones`' columns as SQLAlchemy's inspector reflects them (name, type, ...)."""
+        with self.engine.connect() as conn:
+            schema = "dbo" if self.engine.dialect.name == "mssql" else None
+            return list(inspect(conn).get_columns("Ejecuciones", schema=schema))
 
     def create_schema(self) -> None:
         """Create `Ejecuciones` when it is missing (SQLite and PostgreSQL)."""

@@ -6,6 +6,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from .alerts import Alerts
 from .auth import Authenticator, FailureThrottle
 from .logs import LoggingHandle, secrets_of, setup_logging
 from .metrics import Metrics
@@ -47,6 +48,7 @@ class Runtime:
     throttle: FailureThrottle
     spool: Spool
     metrics: Metrics
+    alerts: Alerts
     repository: Repository | None = None
     recorder_: Recorder | None = None
     logging_handle: LoggingHandle | None = None
@@ -66,6 +68,7 @@ class Runtime:
             throttle=FailureThrottle(settings.auth_failures_limit),
             spool=spool,
             metrics=Metrics(spool.stats),
+            alerts=Alerts(settings, spool=spool, secrets=secrets_of(settings)),
         )
 
     @property
@@ -96,9 +99,16 @@ class Runtime:
         except SpoolError as exc:
             # Serving without a spool is still useful while the database answers; /ready says so.
             log.error("%s", exc)
+        self.alerts.start()
         events = RecorderEvents(
             on_db_error=lambda where: self.metrics.db_errors.labels(where).inc(),
             on_applied=lambda result: self.metrics.spool_applied.labels(result).inc(),
+            on_database_down=self.alerts.database_down,
+            on_database_up=self.alerts.database_up,
+            on_unmatched=lambda entry: self.alerts.unmatched(
+                entry.deployment_id, entry.request_id, time.time() - entry.received_at
+            ),
+            on_refused=self.alerts.refused_for_good,
         )
         self.recorder_ = Recorder(
             self.repository, self.spool, match_window=settings.match_window_seconds, events=events
@@ -118,6 +128,7 @@ class Runtime:
         if self.recorder_ is not None:
             self.recorder_.stop()
             self.recorder_ = None
+        self.alerts.stop()
         self.spool.close()
         if self.repository is not None:
             self.repository.dispose()

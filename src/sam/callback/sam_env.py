@@ -52,10 +52,20 @@ NAMES: dict[str, tuple[str, ...]] = {
     "log_format": ("LOG_FORMATO", "LOG_FORMAT"),
     "log_date_format": ("LOG_FECHA_FORMATO", "LOG_DATEFMT"),
     "log_backup_count": ("LOG_BACKUP_CANTIDAD", "LOG_BACKUP_COUNT"),
+    "email_smtp_host": ("EMAIL_SMTP_HOST", "EMAIL_SMTP_SERVER"),
+    "email_smtp_port": ("EMAIL_SMTP_PUERTO", "EMAIL_SMTP_PORT"),
+    "email_from": ("EMAIL_REMITENTE", "EMAIL_FROM"),
+    "email_recipients": ("EMAIL_DESTINATARIOS", "EMAIL_RECIPIENTS"),
+    "email_use_tls": ("EMAIL_TLS_HABILITAR", "EMAIL_USE_TLS"),
+    "email_user": ("EMAIL_USUARIO", "EMAIL_USER"),
+    "email_password": ("EMAIL_PASSWORD",),
+    "alert_auth_failures": ("CALLBACK_ALERT_AUTH_FAILURES",),
+    "alert_database_seconds": ("CALLBACK_ALERT_DATABASE_SECONDS",),
+    "alert_repeat_seconds": ("CALLBACK_ALERT_REPEAT_SECONDS",),
 }
 
 # Settings whose value is read regardless of case: `INFO` and `info` do not disagree.
-_CASE_INSENSITIVE = frozenset({"auth_mode", "log_level", "docs_enabled"})
+_CASE_INSENSITIVE = frozenset({"auth_mode", "log_level", "docs_enabled", "email_use_tls"})
 
 
 def env_name(field: str) -> str:

@@ -6,15 +6,18 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import ssl
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import uvicorn
+from uvicorn.supervisors import Multiprocess
 
 from .app import create_app
 from .auth import Authenticator
+from .listen import systemd_listener
 from .protocols import HttpToolsHeaderTimeoutProtocol, apply_test_timeouts
 from .repository import driver_problem
 from .runtime import close_logging, ensure_logging
@@ -62,15 +65,21 @@ def serve(settings: Settings) -> int:
     apply_test_timeouts()
     _check_database_driver(settings)
     handle = ensure_logging(settings)
+    listener: socket.socket | None = None
     try:
+        # With a socket from systemd, connections that arrive while we restart wait in its
+        # queue instead of being refused; closing our copy on exit leaves systemd's open.
+        listener = systemd_listener(settings)
         if settings.server_workers > 1:
-            return _serve_workers(settings)
+            return _serve_workers(settings, listener)
         config = uvicorn.Config(create_app(settings), **uvicorn_options(settings))
         server = uvicorn.Server(config)
         _ignore_stop_signals()
-        server.run()
+        server.run(sockets=None if listener is None else [listener])
         return 0 if server.started or not server.should_exit else 1
     finally:
+        if listener is not None:
+            listener.close()
         close_logging(handle)
 
 
@@ -86,7 +95,13 @@ def _check_database_driver(settings: Settings) -> None:
         raise ConfigError([f"{source}: {problem}"])
 
 
-def _serve_workers(settings: Settings) -> int:
+# uvicorn kills a worker that does not answer its supervisor's ping within this time, then
+# starts another. Its default (5 s) is shorter than a worker's start on a busy machine: the
+# workers were replaced one after another and none ever served.
+WORKER_HEALTHCHECK_SECONDS = 30
+
+
+def _serve_workers(settings: Settings, listener: socket.socket | None) -> int:
     # Parse the JWT keys here, once: a key that does not parse must stop the start with exit code
     # 2, not crash every worker with a traceback while the parent waits for them for ever.
     Authenticator(settings)
@@ -105,12 +120,24 @@ def _serve_workers(settings: Settings) -> int:
             stale.unlink(missing_ok=True)
     try:
         _ignore_stop_signals()
-        uvicorn.run(
+        if listener is None:
+            uvicorn.run(
+                "sam.callback.app:app_from_environment",
+                factory=True,
+                workers=settings.server_workers,
+                timeout_worker_healthcheck=WORKER_HEALTHCHECK_SECONDS,
+                **uvicorn_options(settings),
+            )
+            return 0
+        # uvicorn.run would bind its own socket; the supervisor hands this one to every worker.
+        config = uvicorn.Config(
             "sam.callback.app:app_from_environment",
             factory=True,
             workers=settings.server_workers,
+            timeout_worker_healthcheck=WORKER_HEALTHCHECK_SECONDS,
             **uvicorn_options(settings),
         )
+        Multiprocess(config, sockets=[listener]).run()
         return 0
     finally:
         if own_dir:

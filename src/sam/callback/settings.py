@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal, Self
 from urllib.parse import quote_plus
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .sam_env import SamEnvironmentSource, env_name
@@ -25,6 +25,7 @@ DEFAULT_FINAL_STATES = (
 ASYMMETRIC_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 )
+DEFAULT_SMTP_PORT = 587
 AuthMode = Literal["optional", "required", "none"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # SPEC 11: the settings that are credentials (re-read without a restart); the rest need one.
@@ -300,6 +301,40 @@ class Settings(BaseSettings):
             if problem:
                 problems.append(problem)
         return problems
+
+    # --- E-mail alerts (SPEC sections 5 and 9): SAM's EMAIL_* settings, read as SAM reads them ---
+
+    # Their SAM names (current first) are in sam_env.NAMES, like every other setting's.
+    email_smtp_host: str | None = None
+    email_smtp_port: int = Field(DEFAULT_SMTP_PORT, ge=1, le=65535)
+    email_from: str | None = None
+    email_recipients: str = ""
+    email_use_tls: bool = True
+    email_user: str | None = None
+    email_password: str | None = None
+    alert_auth_failures: int = Field(5, ge=0, le=100_000)
+    alert_database_seconds: int = Field(300, ge=0, le=86400 * 7)
+    alert_repeat_seconds: int = Field(3600, ge=1, le=86400 * 7)
+
+    @field_validator("email_smtp_host", "email_from", "email_user", "email_password", mode="before")
+    @classmethod
+    def _blank_email_is_unset(cls, value: Any) -> Any:
+        # SAM's .env.example ships `EMAIL_USUARIO=` and `EMAIL_PASSWORD=`: empty means "not set".
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @field_validator("email_smtp_port", "email_use_tls", mode="before")
+    @classmethod
+    def _blank_email_is_default(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, str) and not value.strip():
+            return DEFAULT_SMTP_PORT if info.field_name == "email_smtp_port" else True
+        return value.strip() if isinstance(value, str) else value
+
+    @property
+    def email_recipient_list(self) -> list[str]:
+        """Alert recipients; SAM separates them with ';' and accepts ',' too."""
+        return _split(self.email_recipients.replace(";", ","))
 
 
 def _tls_problem(certfile: Path, keyfile: Path) -> str | None:

@@ -37,13 +37,18 @@ CREATE TABLE IF NOT EXISTS entries (
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL NOT NULL,
     last_error TEXT,
-    unmatched INTEGER NOT NULL DEFAULT 0
+    unmatched INTEGER NOT NULL DEFAULT 0,
+    refused INTEGER NOT NULL DEFAULT 0,
+    window_from REAL
 );
 CREATE INDEX IF NOT EXISTS entries_chain ON entries (unmatched, deployment_id, seq);
 """
 _COLUMNS = (
-    "seq, deployment_id, status, raw, request_id, received_at, kind, attempts, next_attempt_at, last_error, unmatched"
+    "seq, deployment_id, status, raw, request_id, received_at, kind, attempts, next_attempt_at, last_error, unmatched, "
+    "refused, window_from"
 )
+# Columns added after the first release: a spool file written by an older version gets them.
+_ADDED_COLUMNS = {"refused": "INTEGER NOT NULL DEFAULT 0", "window_from": "REAL"}
 
 
 class SpoolError(Exception):
@@ -65,6 +70,15 @@ class SpoolEntry:
     next_attempt_at: float
     last_error: str | None
     unmatched: bool
+    # The database refused it for a reason retrying cannot fix (SPEC 8); `last_error` says why.
+    refused: bool = False
+    # When an operator gave an unmatched callback a new match window (received_at stays the arrival).
+    window_from: float | None = None
+
+    @property
+    def window_start(self) -> float:
+        """Start of the match window: the arrival, or the operator's retry."""
+        return self.received_at if self.window_from is None else self.window_from
 
     @property
     def callback(self) -> Callback:
@@ -80,6 +94,9 @@ class SpoolStats:
     pending: int
     unmatched: int
     oldest_received_at: float | None
+    # Callbacks the database refused for good, and the latest reason (part of `queued`).
+    refused: int = 0
+    refused_error: str | None = None
 
     @property
     def backlog(self) -> int:
@@ -109,6 +126,10 @@ class Spool:
             # FULL: the commit is on disk before the 2xx leaves, even if the machine loses power.
             conn.execute("PRAGMA synchronous=FULL")
             conn.executescript(_SCHEMA)
+            present = {str(row[1]) for row in conn.execute("PRAGMA table_info(entries)")}
+            for name, definition in _ADDED_COLUMNS.items():
+                if name not in present:
+                    conn.execute(f"ALTER TABLE entries ADD COLUMN {name} {definition}")
         except sqlite3.Error:
             conn.close()
             raise
@@ -192,11 +213,25 @@ class Spool:
                 [(now, PENDING, now, row[0]) for row in rows],
             )
 
+    def add_refused(self, items: Iterable[tuple[Callback, str, str]], *, now: float, retry_at: float) -> None:
+        """Keep callbacks `(callback, request_id, error)` the database refused for good."""
+        with self._write() as conn:
+            conn.executemany(
+                "INSERT INTO entries (deployment_id, status, raw, request_id, received_at, kind, next_attempt_at, "
+                "attempts, last_error, refused) VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?, 1)",
+                [
+                    (cb.deployment_id, cb.status, cb.raw, request_id, now, QUEUED, retry_at, error)
+                    for cb, request_id, error in items
+                ],
+            )
+
     def queued_due_now(self, *, now: float) -> None:
         """Make every queued callback due at once: the database has just come back."""
+        # Refused ones are left alone: the database being back does not fix them.
         with self._write() as conn:
             conn.execute(
-                "UPDATE entries SET next_attempt_at = ? WHERE kind = ? AND unmatched = 0 AND next_attempt_at > ?",
+                "UPDATE entries SET next_attempt_at = ? WHERE kind = ? AND unmatched = 0 AND refused = 0 "
+                "AND next_attempt_at > ?",
                 (now, QUEUED, now),
             )
 
@@ -269,49 +304,57 @@ class Spool:
         with self._write() as conn:
             conn.executemany("DELETE FROM entries WHERE seq = ?", [(seq,) for seq in seqs])
 
-    def reschedule(self, updates: Iterable[tuple[int, float, str, str | None, bool]]) -> None:
-        """Set `(seq, next_attempt_at, kind, last_error, unmatched)` after a try."""
+    def reschedule(self, updates: Iterable[tuple[int, float, str, str | None, bool]], *, refused: bool = False) -> None:
+        """Set `(seq, next_attempt_at, kind, last_error, unmatched)` after a try; `refused` marks a refusal for good."""
         with self._write() as conn:
             conn.executemany(
-                "UPDATE entries SET attempts = attempts + 1, next_attempt_at = ?, kind = ?, last_error = ?, unmatched = ? WHERE seq = ?",
-                [(due, kind, error, int(unmatched), seq) for seq, due, kind, error, unmatched in updates],
+                "UPDATE entries SET attempts = attempts + 1, next_attempt_at = ?, kind = ?, last_error = ?, "
+                "unmatched = ?, refused = ? WHERE seq = ?",
+                [(due, kind, error, int(unmatched), int(refused), seq) for seq, due, kind, error, unmatched in updates],
             )
 
     def stats(self) -> SpoolStats:
         """Counts by kind and the oldest waiting callback."""
         rows = self._read(
             "SELECT SUM(unmatched = 0 AND kind = ?), SUM(unmatched = 0 AND kind = ?), SUM(unmatched), "
-            "MIN(CASE WHEN unmatched = 0 THEN received_at END) FROM entries",
+            "MIN(CASE WHEN unmatched = 0 THEN received_at END), SUM(unmatched = 0 AND refused = 1), "
+            "(SELECT last_error FROM entries WHERE unmatched = 0 AND refused = 1 ORDER BY seq DESC LIMIT 1) "
+            "FROM entries",
             (QUEUED, PENDING),
         )
-        queued, pending, unmatched, oldest = rows[0] if rows else (0, 0, 0, None)
+        queued, pending, unmatched, oldest, refused, refused_error = rows[0] if rows else (0, 0, 0, None, 0, None)
         return SpoolStats(
             queued=int(queued or 0),  # type: ignore[call-overload]
             pending=int(pending or 0),  # type: ignore[call-overload]
             unmatched=int(unmatched or 0),  # type: ignore[call-overload]
             oldest_received_at=float(oldest) if isinstance(oldest, int | float) else None,
+            refused=int(refused or 0),  # type: ignore[call-overload]
+            refused_error=None if refused_error is None else str(refused_error),
         )
 
-    def entries(self, *, only_unmatched: bool = False, limit: int = 1000) -> list[SpoolEntry]:
+    def entries(
+        self, *, only_unmatched: bool = False, only_refused: bool = False, limit: int = 1000
+    ) -> list[SpoolEntry]:
         """Entries for an operator, oldest first."""
         where = "WHERE unmatched = 1" if only_unmatched else ""
+        if only_refused:
+            where = "WHERE refused = 1 AND unmatched = 0"
         sql = f"SELECT {_COLUMNS} FROM entries {where} ORDER BY seq LIMIT ?"  # noqa: S608 - constant fragments
         return [_entry(row) for row in self._read(sql, (limit,))]
 
-    def retry_now(self, *, only_unmatched: bool = False) -> int:
-        """Make entries due now (unmatched ones get a new match window); return how many."""
+    def retry_now(self, *, only_unmatched: bool = False, only_refused: bool = False) -> int:
+        """Make entries due now (unmatched ones get a new match window); return how many.
+
+        The arrival time is kept: it is the end of the run that SAM will record.
+        """
         now = time.time()
+        where = "WHERE unmatched = 1" if only_unmatched else ("WHERE refused = 1" if only_refused else "")
         with self._write() as conn:
-            if only_unmatched:
-                cur = conn.execute(
-                    "UPDATE entries SET unmatched = 0, received_at = ?, next_attempt_at = ? WHERE unmatched = 1",
-                    (now, now),
-                )
-            else:
-                cur = conn.execute(
-                    "UPDATE entries SET next_attempt_at = ?, received_at = CASE WHEN unmatched = 1 THEN ? ELSE received_at END, unmatched = 0",
-                    (now, now),
-                )
+            cur = conn.execute(
+                "UPDATE entries SET next_attempt_at = ?, "  # noqa: S608 - constant fragments
+                f"window_from = CASE WHEN unmatched = 1 THEN ? ELSE window_from END, unmatched = 0 {where}",
+                (now, now),
+            )
             return cur.rowcount
 
     def purge(self, *, only_unmatched: bool = True, older_than: float | None = None) -> int:
@@ -348,6 +391,8 @@ def _entry(row: tuple[object, ...]) -> SpoolEntry:
         due,
         error,
         unmatched,
+        refused,
+        window_from,
     ) = row
     return SpoolEntry(
         seq=int(seq),  # type: ignore[call-overload]
@@ -361,4 +406,6 @@ def _entry(row: tuple[object, ...]) -> SpoolEntry:
         next_attempt_at=float(due),  # type: ignore[arg-type]
         last_error=None if error is None else str(error),
         unmatched=bool(unmatched),
+        refused=bool(refused),
+        window_from=float(window_from) if isinstance(window_from, int | float) else None,
     )

@@ -1,0 +1,199 @@
+"""Which alert conditions become mail, and when: thresholds, the database timer, one mail per interval."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .alert_texts import AlertKind, DatabaseBack, DatabaseDown, Occurrence, Refusal, RefusedCallbacks
+
+AUTH_WINDOW_SECONDS = 600.0
+# Occurrences listed in one mail (the most recent); the rest are only counted.
+_LISTED = 20
+# Distinct address/answer/reason triples remembered for one refused-callbacks mail.
+_SOURCES = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    """One mail's worth: a condition, what happened (newest last), and what the limit held back."""
+
+    kind: AlertKind
+    occurrences: tuple[tuple[float, Occurrence], ...]
+    unlisted: int = 0
+    held: int = 0
+
+
+class _RefusalTally:
+    """Refused callbacks counted by address, answer and reason, in bounded memory."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.counts: dict[tuple[str, int, str], int] = {}
+        self.others = 0
+
+    def add(self, refusal: Refusal, count: int = 1) -> None:
+        self.total += count
+        key = (refusal.client, refusal.status, "; ".join(refusal.reasons) or "sin motivo")
+        if key in self.counts or len(self.counts) < _SOURCES:
+            self.counts[key] = self.counts.get(key, 0) + count
+        else:
+            self.others += count
+
+    def absorb(self, other: _RefusalTally) -> None:
+        for (client, status, reason), count in other.counts.items():
+            self.add(Refusal(client, status, (reason,)), count)
+        self.others += other.others
+        self.total += other.others
+
+    def summary(self) -> RefusedCallbacks:
+        ranked = sorted(self.counts.items(), key=lambda item: (-item[1], item[0]))
+        listed = ranked[:_LISTED]
+        others = self.others + sum(count for _, count in ranked[_LISTED:])
+        return RefusedCallbacks(
+            total=self.total,
+            sources=tuple((client, status, reason, count) for (client, status, reason), count in listed),
+            others=others,
+        )
+
+
+@dataclass(slots=True)
+class _Held:
+    items: deque[tuple[float, Occurrence]]
+    count: int = 0
+
+
+class AlertPolicy:
+    """Which conditions become alerts, and when; plain state, driven by one thread with explicit time."""
+
+    def __init__(
+        self,
+        *,
+        auth_failures: int,
+        database_seconds: float,
+        repeat_seconds: float,
+        backlog: Callable[[], int | None] = lambda: None,
+    ) -> None:
+        self.auth_failures = auth_failures
+        self.database_seconds = database_seconds
+        self.repeat_seconds = repeat_seconds
+        self.backlog = backlog
+        self._window: deque[tuple[float, Refusal]] = deque()
+        self._last_sent: dict[AlertKind, float] = {}
+        self._held: dict[AlertKind, _Held] = {}
+        self._held_refusals: _RefusalTally | None = None
+        self._down_since: float | None = None
+        self._down_error: str | None = None
+        # None while no alert was raised for the current outage; else whether it was mailed.
+        self._down_mailed: bool | None = None
+
+    def refusal(self, refusal: Refusal, now: float, wall: float) -> list[Alert]:
+        """A callback refused with 401, 403 or 429."""
+        if self.auth_failures <= 0:
+            return []
+        window = self._window
+        window.append((now, refusal))
+        while window and now - window[0][0] > AUTH_WINDOW_SECONDS:
+            window.popleft()
+        if len(window) < self.auth_failures:
+            return []
+        tally = _RefusalTally()
+        for _, each in window:
+            tally.add(each)
+        window.clear()
+        kind = AlertKind.REFUSED_CALLBACKS
+        if not self._may_send(kind, now):
+            if self._held_refusals is None:
+                self._held_refusals = tally
+            else:
+                self._held_refusals.absorb(tally)
+            self._held_for(kind).count += 1
+            return []
+        held = self._held.pop(kind, None)
+        if self._held_refusals is not None:
+            self._held_refusals.absorb(tally)
+            tally, self._held_refusals = self._held_refusals, None
+        self._last_sent[kind] = now
+        return [Alert(kind, ((wall, tally.summary()),), held=held.count if held else 0)]
+
+    def occurrence(self, kind: AlertKind, what: Occurrence, now: float, wall: float) -> list[Alert]:
+        """Something that is an alert on its own (a 503, a refusal for good, unmatched, rejected)."""
+        return self._emit(kind, what, now, wall)
+
+    def database_down(self, error: str | None, now: float, wall: float) -> list[Alert]:
+        """The writer could not reach the database; the alert waits for `database_seconds`."""
+        if self._down_since is None:
+            self._down_since = now
+        self._down_error = error
+        return self._check_database(now, wall)
+
+    def database_up(self, now: float, wall: float) -> list[Alert]:
+        """The database answers again: a second mail when the outage raised the first."""
+        if self._down_since is None:
+            return []
+        seconds = now - self._down_since
+        mailed = self._down_mailed
+        self._down_since, self._down_error, self._down_mailed = None, None, None
+        if mailed is None:
+            return []
+        return self._emit(AlertKind.DATABASE_BACK, DatabaseBack(seconds, self.backlog()), now, wall, force=mailed)
+
+    def tick(self, now: float, wall: float) -> list[Alert]:
+        """Periodic work: the database timer, and held alerts whose repeat interval is over."""
+        alerts = self._check_database(now, wall)
+        for kind in list(self._held):
+            if self._may_send(kind, now):
+                alerts += self.flush_kind(kind, now, wall)
+        return alerts
+
+    def flush(self, now: float, wall: float) -> list[Alert]:
+        """Every held alert, whatever the interval (at stop: their count would be lost)."""
+        alerts: list[Alert] = []
+        for kind in list(self._held):
+            alerts += self.flush_kind(kind, now, wall)
+        return alerts
+
+    def flush_kind(self, kind: AlertKind, now: float, wall: float) -> list[Alert]:
+        """The alerts of one kind held back by the repeat interval, as one mail."""
+        held = self._held.pop(kind, None)
+        if held is None or not held.count:
+            return []
+        self._last_sent[kind] = now
+        if kind is AlertKind.REFUSED_CALLBACKS and self._held_refusals is not None:
+            tally, self._held_refusals = self._held_refusals, None
+            return [Alert(kind, ((wall, tally.summary()),), held=held.count)]
+        return [Alert(kind, tuple(held.items), unlisted=held.count - len(held.items), held=held.count)]
+
+    def _check_database(self, now: float, wall: float) -> list[Alert]:
+        if self._down_since is None or self._down_mailed is not None:
+            return []
+        seconds = now - self._down_since
+        if seconds < self.database_seconds:
+            return []
+        alerts = self._emit(AlertKind.DATABASE_DOWN, DatabaseDown(seconds, self._down_error, self.backlog()), now, wall)
+        self._down_mailed = bool(alerts)
+        return alerts
+
+    def _may_send(self, kind: AlertKind, now: float) -> bool:
+        last = self._last_sent.get(kind)
+        return last is None or now - last >= self.repeat_seconds
+
+    def _held_for(self, kind: AlertKind) -> _Held:
+        held = self._held.get(kind)
+        if held is None:
+            held = self._held[kind] = _Held(deque(maxlen=_LISTED))
+        return held
+
+    def _emit(self, kind: AlertKind, what: Occurrence, now: float, wall: float, *, force: bool = False) -> list[Alert]:
+        if not force and not self._may_send(kind, now):
+            held = self._held_for(kind)
+            held.items.append((wall, what))
+            held.count += 1
+            return []
+        held_or_none = self._held.pop(kind, None)
+        items = list(held_or_none.items) if held_or_none else []
+        count = held_or_none.count if held_or_none else 0
+        items = [*items, (wall, what)][-_LISTED:]
+        self._last_sent[kind] = now
+        return [Alert(kind, tuple(items), unlisted=count + 1 - len(items), held=count)]

@@ -1,0 +1,213 @@
+"""Alerts (SPEC section 9): conditions watched off the request path, then mailed or logged at ERROR."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from functools import partial
+
+from .alert_policy import Alert, AlertPolicy
+from .alert_texts import AlertKind, Occurrence, Refusal, RefusedForGood, Rejected, Unavailable, Unmatched, render
+from .logs import RedactingFilter
+from .mail import SMTP_TIMEOUT_SECONDS, MailConfig, MailError, compose, send
+from .settings import Settings
+from .spool import Spool, SpoolError
+
+log = logging.getLogger("sam.callback.alerts")
+
+TICK_SECONDS = 1.0
+_EVENT_QUEUE_SIZE = 10_000
+_MAIL_QUEUE_SIZE = 100
+_STOP_WAIT_SECONDS = 5.0
+
+_Event = Callable[[float, float], list[Alert]]
+
+
+class Alerts:
+    """Watches the conditions on one thread and mails on another; callers only enqueue (O(1))."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        spool: Spool | None = None,
+        secrets: Iterable[str] = (),
+        clock: Callable[[], float] = time.monotonic,
+        timeout: float = SMTP_TIMEOUT_SECONDS,
+    ) -> None:
+        self.mail = MailConfig.from_settings(settings)
+        self.repeat_seconds = settings.alert_repeat_seconds
+        self.policy = AlertPolicy(
+            auth_failures=settings.alert_auth_failures,
+            database_seconds=settings.alert_database_seconds,
+            repeat_seconds=settings.alert_repeat_seconds,
+            backlog=self._backlog,
+        )
+        self.timeout = timeout
+        self.host = socket.gethostname()
+        self._spool = spool
+        self._redact = RedactingFilter(secrets).redact
+        self._clock = clock
+        self._events: queue.Queue[_Event | None] = queue.Queue(_EVENT_QUEUE_SIZE)
+        self._mails: queue.Queue[Alert | None] = queue.Queue(_MAIL_QUEUE_SIZE)
+        self._watcher: threading.Thread | None = None
+        self._sender: threading.Thread | None = None
+        self._dropped = 0
+        self._dropped_logged = 0
+
+    # --- what the request path and the writer call: enqueue only ------------------------------
+
+    def refused(self, client: str, status: int, reasons: tuple[str, ...]) -> None:
+        """A callback refused with 401, 403 or 429 (reasons as logged, never the credential)."""
+        if self.policy.auth_failures > 0:
+            self._put(partial(self.policy.refusal, Refusal(client, status, reasons)))
+
+    def unavailable(self, deployment_id: str, status: str, request_id: str) -> None:
+        """A callback answered 503: neither the database nor the spool could keep it."""
+        self._occurred(AlertKind.UNAVAILABLE, Unavailable(deployment_id, status, request_id))
+
+    def refused_for_good(self, deployment_id: str, status: str, error: str, seq: int | None = None) -> None:
+        """A callback the database refuses for a reason retrying cannot fix (SPEC section 8)."""
+        self._occurred(AlertKind.REFUSED_FOR_GOOD, RefusedForGood(deployment_id, status, error, seq))
+
+    def unmatched(self, deployment_id: str, request_id: str, waited_seconds: float) -> None:
+        """A callback whose run never appeared within CALLBACK_MATCH_WINDOW_SECONDS."""
+        self._occurred(AlertKind.UNMATCHED, Unmatched(deployment_id, request_id, waited_seconds))
+
+    def rejected(
+        self, *, deployment_id: str | None, reason: str, client: str, request_id: str, seq: int | None = None
+    ) -> None:
+        """An authenticated callback rejected for its body (400, 415) and kept (SPEC section 10)."""
+        self._occurred(AlertKind.REJECTED, Rejected(deployment_id, reason, client, request_id, seq))
+
+    def database_down(self, error: str | None) -> None:
+        """The database could not be reached (called on every failed try)."""
+        self._put(partial(self.policy.database_down, error))
+
+    def database_up(self) -> None:
+        """The database answers again after failing."""
+        self._put(self.policy.database_up)
+
+    def _occurred(self, kind: AlertKind, what: Occurrence) -> None:
+        self._put(partial(self.policy.occurrence, kind, what))
+
+    def _put(self, event: _Event) -> None:
+        try:
+            self._events.put_nowait(event)
+        except queue.Full:
+            self._dropped += 1
+
+    # --- life cycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the watcher and the sender threads; say where alerts go."""
+        if self.mail is None:
+            log.info("Alertas sin correo (EMAIL_SMTP_HOST vacío): se registran en el log con nivel ERROR")
+        elif self.mail.problems():
+            log.error(
+                "Alertas por correo desactivadas: %s; se registran en el log con nivel ERROR",
+                "; ".join(self.mail.problems()),
+            )
+        else:
+            log.info("Alertas por correo a %s mediante %s", ", ".join(self.mail.recipients), self.mail.describe())
+        self._watcher = threading.Thread(target=self._watch, name="sam-callback-alerts", daemon=True)
+        self._sender = threading.Thread(target=self._send_loop, name="sam-callback-mail", daemon=True)
+        self._watcher.start()
+        self._sender.start()
+
+    def stop(self) -> None:
+        """Mail what is held back, then stop; a mail server that hangs delays this a few seconds at most."""
+        if self._watcher is None or self._sender is None:
+            return
+        deadline = time.monotonic() + _STOP_WAIT_SECONDS
+        with contextlib.suppress(queue.Full):
+            self._events.put(None, timeout=_STOP_WAIT_SECONDS)
+        self._watcher.join(max(0.0, deadline - time.monotonic()))
+        with contextlib.suppress(queue.Full):
+            self._mails.put(None, timeout=max(0.01, deadline - time.monotonic()))
+        self._sender.join(max(0.0, deadline - time.monotonic()))
+        if self._sender.is_alive():
+            log.error("Se detiene el servicio con alertas sin enviar: el servidor de correo no responde")
+        self._watcher = self._sender = None
+
+    # --- the watcher thread -------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        next_tick = time.monotonic() + TICK_SECONDS
+        while True:
+            try:
+                event = self._events.get(timeout=max(0.0, next_tick - time.monotonic()))
+            except queue.Empty:
+                event = _tick
+            now, wall = self._clock(), time.time()
+            try:
+                if event is None:
+                    self._queue_mails(self.policy.flush(now, wall))
+                    return
+                alerts = event(now, wall) if event is not _tick else []
+                if time.monotonic() >= next_tick:
+                    next_tick = time.monotonic() + TICK_SECONDS
+                    alerts += self.policy.tick(now, wall)
+                    self._note_dropped()
+                self._queue_mails(alerts)
+            except Exception:
+                log.exception("Error inesperado al evaluar las alertas")
+
+    def _queue_mails(self, alerts: list[Alert]) -> None:
+        for alert in alerts:
+            try:
+                self._mails.put_nowait(alert)
+            except queue.Full:
+                log.error(
+                    "Cola de alertas llena (el servidor de correo no da abasto); alerta descartada: %s", alert.kind
+                )
+
+    def _note_dropped(self) -> None:
+        if self._dropped != self._dropped_logged:
+            log.error("Se descartaron %d avisos de alerta: la cola estaba llena", self._dropped - self._dropped_logged)
+            self._dropped_logged = self._dropped
+
+    def _backlog(self) -> int | None:
+        if self._spool is None:
+            return None
+        try:
+            return self._spool.stats().backlog
+        except SpoolError:
+            return None
+
+    # --- the sender thread --------------------------------------------------------------------
+
+    def _send_loop(self) -> None:
+        while True:
+            alert = self._mails.get()
+            if alert is None:
+                return
+            try:
+                self._deliver(alert)
+            except Exception:
+                log.exception("Error inesperado al entregar una alerta")
+
+    def _deliver(self, alert: Alert) -> None:
+        text = render(alert, host=self.host, repeat_seconds=self.repeat_seconds)
+        subject, body, summary = self._redact(text.subject), self._redact(text.body), self._redact(text.summary)
+        if self.mail is None or self.mail.problems():
+            log.error("ALERTA %s", summary)
+            return
+        try:
+            send(self.mail, compose(self.mail, subject=subject, body=body, host_name=self.host), timeout=self.timeout)
+        except MailError as exc:
+            log.error(
+                "No se pudo enviar la alerta por correo mediante %s: %s. ALERTA %s",
+                self.mail.describe(), self._redact(str(exc)), summary,
+            )  # fmt: skip
+        else:
+            log.info("Alerta enviada por correo a %d destinatarios: %s", len(self.mail.recipients), subject)
+
+
+def _tick(now: float, wall: float) -> list[Alert]:
+    return []
