@@ -38,11 +38,21 @@ def app_with(make_settings: Callable[..., Settings]) -> Callable[..., TestClient
 
 
 def test_static_token_and_rotation_list(app_with: Callable[..., TestClient]) -> None:
-    with app_with(token=f"{TOKEN}, token-nuevo-0123456789abcdefghijklmn") as api:
+    """CALLBACK_TOKEN is one value; the token being rotated out goes in CALLBACK_TOKENS_ANTERIORES."""
+    new = "token-nuevo-0123456789abcdefghijklmn"
+    with app_with(token=new, previous_tokens=f"{TOKEN}, otro-viejo-0123456789abcdefghijkl") as api:
         assert call(api, **{"X-Authorization": TOKEN}) == ACCEPTED
-        assert call(api, **{"X-Authorization": "token-nuevo-0123456789abcdefghijklmn"}) == ACCEPTED
+        assert call(api, **{"X-Authorization": new}) == ACCEPTED
         assert call(api, **{"X-Authorization": "otro"}) == 401
         assert call(api) == 401
+
+
+def test_a_token_with_commas_is_one_token(app_with: Callable[..., TestClient]) -> None:
+    """SAM's launcher sends CALLBACK_TOKEN verbatim: a comma inside it is part of the token."""
+    with app_with(token=f"{TOKEN},resto") as api:
+        assert call(api, **{"X-Authorization": f"{TOKEN},resto"}) == ACCEPTED
+        assert call(api, **{"X-Authorization": TOKEN}) == 401
+        assert call(api, **{"X-Authorization": "resto"}) == 401
 
 
 def test_optional_mode_valid_jwt_alone(app_with: Callable[..., TestClient], keys: Keys) -> None:
@@ -143,12 +153,36 @@ def test_public_key_from_a_file_and_from_jwks(app_with: Callable[..., TestClient
 
 
 def test_unparseable_key_or_missing_credentials_refuse_to_start(make_settings: Callable[..., Settings]) -> None:
-    with pytest.raises(ConfigError) as bad_key:
-        create_app(make_settings(jwt_public_key="-----BEGIN PUBLIC KEY-----\nnada\n-----END PUBLIC KEY-----"))
-    assert "JWT_PUBLIC_KEY" in bad_key.value.problems[0]
+    bad_pem = "-----BEGIN PUBLIC KEY-----\nnada\n-----END PUBLIC KEY-----"
+    for overrides in ({"token": None}, {"auth_mode": "required"}):
+        with pytest.raises(ConfigError) as bad_key:
+            create_app(make_settings(jwt_public_key=bad_pem, **overrides))
+        assert "JWT_CLAVE_PUBLICA/JWT_PUBLIC_KEY" in bad_key.value.problems[0]
     with pytest.raises(ConfigError) as no_credentials:
         load_settings(_env_file=None, token=None, auth_mode="required")
     assert "CALLBACK_AUTH_MODE" in no_credentials.value.problems[0]
     with pytest.raises(ConfigError) as hmac_algorithm:
         load_settings(_env_file=None, token=TOKEN, jwt_algorithms="HS256")
     assert "JWT_ALGORITHMS" in hmac_algorithm.value.problems[0]
+
+
+@pytest.mark.parametrize(
+    "unusable_key",
+    [
+        "placeholder_public_key",
+        "-----BEGIN PUBLIC KEY-----\nMIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEA...\n-----END PUBLIC KEY-----",
+    ],
+)
+def test_unusable_key_with_a_token_in_optional_mode_is_a_warning(
+    make_settings: Callable[..., Settings], keys: Keys, unusable_key: str
+) -> None:
+    """SAM's .env ships a placeholder key: the service serves with the token, refuses JWTs, and says why."""
+    settings = make_settings(jwt_public_key=unusable_key)
+    with TestClient(create_app(settings)) as api:
+        warnings = api.get("/ready").json()["warnings"]
+        assert any("JWT_CLAVE_PUBLICA" in warning for warning in warnings), warnings
+        assert call(api, **{"X-Authorization": TOKEN}) == ACCEPTED
+        assert call(api, Authorization=bearer(keys.token())) == 401
+        assert call(api, Authorization=bearer(keys.token()), **{"X-Authorization": TOKEN}) == ACCEPTED
+    log_text = settings.log_file.read_text(encoding="utf-8")
+    assert "WARNING" in log_text and "JWT_CLAVE_PUBLICA" in log_text

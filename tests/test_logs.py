@@ -203,3 +203,71 @@ def test_real_server_routes_uvicorn_logs_to_the_file_with_request_ids(
 )
 def test_the_quick_secret_check_agrees_with_the_regex(text: str) -> None:
     assert _maybe_secret(text) == (_MAYBE_SECRET.search(text) is not None)
+
+
+SAM_FORMAT = "%(asctime)s - PID:%(process)d - %(levelname)s - %(name)s - %(funcName)s - %(message)s"
+
+
+def _one_callback(settings: Settings, request_id: str) -> list[str]:
+    with TestClient(create_app(settings)) as client:
+        answer = client.post(
+            "/api/callback",
+            json={"deploymentId": "d-fmt", "status": "RUN_COMPLETED"},
+            headers={**auth_headers(), "X-Request-ID": request_id},
+        )
+        assert answer.status_code == 202
+    return _lines(settings.log_file)
+
+
+def test_sam_percent_format_with_its_date_format(make_settings: Callable[..., Settings]) -> None:
+    """LOG_FORMATO as SAM's services write it: every line in that layout, and the callback names its request id."""
+    settings = make_settings(log_format=SAM_FORMAT, log_date_format="%d/%m/%Y %H.%M.%S", log_filename="sam_cb.log")
+    lines = _one_callback(settings, "req-sam-fmt-1")
+    sam_line = re.compile(r"^\d\d/\d\d/\d{4} \d\d\.\d\d\.\d\d - PID:\d+ - [A-Z]+ - [\w.]+ - \S+ - .*$")
+    assert lines and all(sam_line.match(line) for line in lines), lines
+    callback = [line for line in lines if "callback cliente=" in line]
+    assert len(callback) == 1 and "request_id=req-sam-fmt-1" in callback[0], callback
+    assert settings.log_file.name == "sam_cb.log"
+
+
+def test_percent_format_with_request_id_field_is_not_repeated(make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings(log_format="%(levelname)s [%(request_id)s] %(message)s")
+    lines = _one_callback(settings, "req-own-field")
+    callback = [line for line in lines if "callback cliente=" in line]
+    assert callback == [line for line in callback if line.startswith("INFO [req-own-field] callback")]
+    assert "request_id=req-own-field" not in callback[0]
+
+
+def test_json_format_with_date_format(make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings(log_format="json", log_date_format="%Y%m%dT%H%M%S")
+    lines = _one_callback(settings, "req-json-fmt")
+    entries = [json.loads(line) for line in lines]
+    assert all(re.fullmatch(r"\d{8}T\d{6}", entry["time"]) for entry in entries)
+    assert any(
+        entry.get("request_id") == "req-json-fmt" and entry.get("result") == "pending_match" for entry in entries
+    )
+
+
+def test_level_and_backup_count_are_honoured(make_settings: Callable[..., Settings]) -> None:
+    """LOG_NIVEL=WARNING leaves INFO lines out; LOG_BACKUP_CANTIDAD is the number of rotated files kept."""
+    settings = make_settings(log_level="warning", log_backup_count=7)
+    handle = setup_logging(settings, [TOKEN])
+    try:
+        rotating = [h for h in handle.handlers if isinstance(h, logging.handlers.TimedRotatingFileHandler)]
+        assert [h.backupCount for h in rotating] == [7]
+        logging.getLogger("sam.callback").info("línea informativa")
+        logging.getLogger("sam.callback").warning("línea de aviso")
+    finally:
+        handle.close()
+    text = settings.log_file.read_text(encoding="utf-8")
+    assert "línea de aviso" in text and "línea informativa" not in text
+
+
+def test_bad_percent_format_stops_the_start_with_one_line(tmp_path: Path) -> None:
+    from tests.utils import run_cli
+
+    result = run_cli(tmp_path, CALLBACK_TOKEN=TOKEN, LOG_FORMATO="%(asctime)s %(campo_inexistente)s %(message)s")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error de configuración: LOG_FORMATO/LOG_FORMAT:"), lines
+    assert "campo_inexistente" in lines[0]

@@ -86,12 +86,12 @@ def test_no_token_or_jwt_reaches_logs_console_or_answers(
 def test_check_warns_about_short_tokens_and_mode_none(tmp_path: Path) -> None:
     """`sam-callback check` warns, without printing the token, and still succeeds."""
     short = "corto-" + uuid.uuid4().hex[:8]
-    result = run_cli(tmp_path, "check", CALLBACK_TOKEN=f"{TOKEN},{short}")
+    result = run_cli(tmp_path, "check", CALLBACK_TOKEN=TOKEN, CALLBACK_TOKENS_ANTERIORES=short)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
-    assert "[AVISO] CALLBACK_TOKEN n.º 2" in output
+    assert "[AVISO] CALLBACK_TOKENS_ANTERIORES n.º 1" in output
     assert "32" in output
-    assert "n.º 1" not in output  # the long token is fine
+    assert "[AVISO] CALLBACK_TOKEN " not in output  # the long token is fine
     assert short not in output and TOKEN not in output
 
     result = run_cli(tmp_path, "check", CALLBACK_AUTH_MODE="none")

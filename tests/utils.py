@@ -29,7 +29,17 @@ PG_ADMIN_URL = os.environ.get("SAM_TEST_POSTGRES_URL") or os.environ.get(
 )
 
 # Settings must not come from the developer's environment or a stray .env file.
-OUR_PREFIXES = ("CALLBACK_", "SAM_DATABASE_URL", "SQL_SAM_", "JWT_", "API_GATEWAY_", "LOG_", "APP_LOG_", "EMAIL_")
+OUR_PREFIXES = (
+    "CALLBACK_",
+    "SAM_DATABASE_URL",
+    "SQL_SAM_",
+    "JWT_",
+    "API_GATEWAY_",
+    "APIGW_",
+    "LOG_",
+    "APP_LOG_",
+    "EMAIL_",
+)
 
 
 @dataclass

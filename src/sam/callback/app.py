@@ -235,6 +235,7 @@ async def _ready(runtime: Runtime) -> JSONResponse:
     if runtime.settings.auth_mode == "none":
         warnings.append("CALLBACK_AUTH_MODE=none: el endpoint no exige autenticación")
         log.warning("/ready: CALLBACK_AUTH_MODE=none, el endpoint no exige autenticación")
+    warnings.extend(runtime.authenticator.warnings)
     if stats is None:
         warnings.append("el spool no está disponible: si la base de datos cae, los callbacks se rechazarán con 503")
     refused = stats.refused if stats is not None else 0

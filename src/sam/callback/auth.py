@@ -22,6 +22,7 @@ log = logging.getLogger("sam.callback.auth")
 _MAX_TOKEN_LENGTH = 8192
 # Header parameters that try to tell the verifier which key to trust; a gateway never needs
 # them, and honouring any of them would let the caller choose the key.
+KEY_VARIABLE = "JWT_CLAVE_PUBLICA/JWT_PUBLIC_KEY"
 _KEY_CHOOSING_HEADERS = frozenset({"jku", "x5u", "jwk", "x5c"})
 
 
@@ -123,23 +124,23 @@ def _load_keys(value: str, algorithms: list[str]) -> list[tuple[str | None, Any]
         try:
             text = path.read_text(encoding="utf-8").strip()
         except OSError:
-            raise ConfigError([f"JWT_PUBLIC_KEY: no se puede leer el fichero de clave '{path}'"]) from None
+            raise ConfigError([f"{KEY_VARIABLE}: no se puede leer el fichero de clave '{path}'"]) from None
     # Operators paste PEMs into .env files on one line with literal \n.
     text = text.replace("\\n", "\n")
     if text.startswith("{"):
         try:
             jwks = PyJWKSet.from_dict(json.loads(text))
         except (ValueError, jwt.PyJWTError):
-            raise ConfigError(["JWT_PUBLIC_KEY: el JWKS no es válido"]) from None
+            raise ConfigError([f"{KEY_VARIABLE}: el JWKS no es válido"]) from None
         if not all(_is_public(jwk) for jwk in jwks.keys):
             # A private key here is a leaked secret, an "oct" key an HMAC secret: neither belongs
             # in the verifier's configuration (the PEM path refuses a private key the same way).
             raise ConfigError(
-                ["JWT_PUBLIC_KEY: el JWKS contiene claves privadas o simétricas; configure solo claves públicas"]
+                [f"{KEY_VARIABLE}: el JWKS contiene claves privadas o simétricas; configure solo claves públicas"]
             )
         keys = [(jwk.key_id, jwk.key) for jwk in jwks.keys]
         if not keys:
-            raise ConfigError(["JWT_PUBLIC_KEY: el JWKS no contiene claves públicas utilizables"])
+            raise ConfigError([f"{KEY_VARIABLE}: el JWKS no contiene claves públicas utilizables"])
         return keys
     available = get_default_algorithms()
     for algorithm in algorithms:
@@ -150,9 +151,9 @@ def _load_keys(value: str, algorithms: list[str]) -> list[tuple[str | None, Any]
         except Exception:  # noqa: S112 - the next algorithm's key type may fit
             continue
         if hasattr(key, "private_bytes"):
-            raise ConfigError(["JWT_PUBLIC_KEY: contiene una clave privada; configure solo la clave pública"])
+            raise ConfigError([f"{KEY_VARIABLE}: contiene una clave privada; configure solo la clave pública"])
         return [(None, key)]
-    raise ConfigError(["JWT_PUBLIC_KEY: la clave pública no es un PEM válido para los algoritmos de JWT_ALGORITHMS"])
+    raise ConfigError([f"{KEY_VARIABLE}: la clave pública no es un PEM válido para los algoritmos de JWT_ALGORITHMS"])
 
 
 def _is_public(jwk: PyJWK) -> bool:
@@ -165,7 +166,18 @@ class Authenticator:
     def __init__(self, settings: Settings) -> None:
         self.mode = settings.auth_mode
         self.tokens = [token.encode() for token in settings.tokens]
-        self.jwt = JwtVerifier(settings) if settings.jwt_public_key else None
+        self.jwt: JwtVerifier | None = None
+        # Problems that do not stop the service, for the start-up log, /ready and `check`.
+        self.warnings: list[str] = []
+        if settings.jwt_public_key:
+            try:
+                self.jwt = JwtVerifier(settings)
+            except ConfigError as exc:
+                # SAM's .env ships a placeholder key: with a static token to fall back on, mode
+                # optional can still serve (JWTs are refused); mode required, or no token, cannot.
+                if self.mode == "required" or (self.mode == "optional" and not self.tokens):
+                    raise
+                self.warnings = [f"{problem}; los JWT se rechazan hasta que se corrija" for problem in exc.problems]
 
     def check(self, static_token: str | None, authorization: str | None, client_id: str | None) -> AuthResult:
         """Verdict for one request's headers."""
@@ -206,7 +218,7 @@ class Authenticator:
         if scheme.lower() != "bearer" or not token.strip():
             return "cabecera Authorization sin esquema Bearer"
         if self.jwt is None:
-            return "JWT no configurado (falta JWT_PUBLIC_KEY)"
+            return "JWT no configurado o clave JWT inutilizable (JWT_CLAVE_PUBLICA)"
         return self.jwt.verify(token.strip(), client_id)
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from .auth import Authenticator
 from .repository import Repository, describe_error, display_url, driver_problem, make_engine
+from .sam_env import conflicts, read_environment, repeated_in_file
 from .settings import ConfigError, Settings
 from .spool import Spool, SpoolError
 
@@ -68,29 +69,33 @@ def run_checks(settings: Settings) -> int:
     """Print one line per check; return 0 when nothing failed, else 1."""
     failed = False
     try:
-        Authenticator(settings)
+        authenticator = Authenticator(settings)
     except ConfigError as exc:
         for problem in exc.problems:
             _line(False, problem)
         return 2
     _line(True, f"Configuración válida (modo de autenticación: {settings.auth_mode})")
+    for _field, used, ignored in conflicts(read_environment()):
+        _line(None, f"{used} y {ignored} tienen valores distintos: se usa {used} (el nombre actual de SAM)")
+    for name in repeated_in_file():
+        _line(None, f"{name} aparece varias veces en .env con valores distintos: se usa la última línea")
+    for warning in authenticator.warnings:
+        _line(None, warning)
     if settings.auth_mode == "none":
         _line(
             None,
             "CALLBACK_AUTH_MODE=none: cualquiera que alcance el puerto puede registrar callbacks",
         )
-    for index, token in enumerate(settings.tokens, start=1):
+    for index, token in enumerate(settings.tokens):
         if len(token) < MIN_TOKEN_LENGTH:
-            _line(
-                None,
-                f"CALLBACK_TOKEN n.º {index} tiene {len(token)} caracteres; se recomiendan al menos {MIN_TOKEN_LENGTH}",
-            )
+            name = "CALLBACK_TOKEN" if index == 0 and settings.token else f"CALLBACK_TOKENS_ANTERIORES n.º {index}"
+            _line(None, f"{name} tiene {len(token)} caracteres; se recomiendan al menos {MIN_TOKEN_LENGTH}")
     url = settings.resolved_database_url()
     unusable = driver_problem(url)
     if unusable is not None:
         _line(False, f"Base de datos: {unusable}")
         return 1
-    repository = Repository(make_engine(url), settings.final_state_set)
+    repository = Repository(make_engine(url, connect_timeout=settings.sql_connect_timeout), settings.final_state_set)
     shown = display_url(repository.engine.url)
     try:
         repository.ping()

@@ -18,6 +18,7 @@ from .settings import ConfigError, Settings, load_settings
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
+_NEED_SERVING_CONFIGURATION = frozenset({"serve", "check"})
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -115,7 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     command = args.command or "serve"
     try:
-        settings = load_settings()
+        # Only serving needs credentials and TLS files; operator commands run without them.
+        settings = load_settings(for_serving=command in _NEED_SERVING_CONFIGURATION)
         handler = _COMMANDS[command]
         return handler(settings, args)
     except ConfigError as exc:

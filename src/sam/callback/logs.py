@@ -93,7 +93,9 @@ def log_fields(logger: logging.Logger, level: int, msg: str, *args: object, fiel
     per-callback line is written this way. `fields` become top-level keys with LOG_FORMAT=json.
     """
     if logger.isEnabledFor(level):
-        logger.handle(logger.makeRecord(logger.name, level, "", 0, msg, args, None, extra={"fields": fields}))
+        logger.handle(
+            logger.makeRecord(logger.name, level, "", 0, msg, args, None, "callback", extra={"fields": fields})
+        )
 
 
 class _RenderedQueueHandler(logging.handlers.QueueHandler):
@@ -110,7 +112,7 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         """Serialise a record."""
         entry: dict[str, Any] = {
-            "time": self.formatTime(record, DATE_FORMAT),
+            "time": self.formatTime(record, self.datefmt or DATE_FORMAT),
             "level": record.levelname,
             "logger": record.name,
             "pid": record.process,
@@ -123,6 +125,36 @@ class JsonFormatter(logging.Formatter):
         if record.exc_text:
             entry["exception"] = record.exc_text
         return json.dumps(entry, ensure_ascii=False)
+
+
+class SamFormatter(logging.Formatter):
+    """A %-style format from LOG_FORMATO, as SAM's services use; names the request id when the format does not."""
+
+    def __init__(self, fmt: str, datefmt: str) -> None:
+        super().__init__(fmt, datefmt)
+        self.shows_request_id = "%(request_id)" in fmt
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - the logging API's name
+        """The format's text; lines written while serving a request say which one."""
+        request_id = getattr(record, "request_id", "-")
+        if self.shows_request_id or request_id == "-":
+            return super().formatMessage(record)
+        # The record may reach another handler: change a copy of the message, not the record.
+        message = record.message
+        record.message = f"{message} request_id={request_id}"
+        try:
+            return super().formatMessage(record)
+        finally:
+            record.message = message
+
+
+def make_formatter(settings: Settings) -> logging.Formatter:
+    """The formatter LOG_FORMATO asks for: the service's layout, JSON, or SAM's %-style format."""
+    if settings.log_format == "json":
+        return JsonFormatter(datefmt=settings.log_date_format)
+    if settings.log_format == "text":
+        return logging.Formatter(TEXT_FORMAT, settings.log_date_format)
+    return SamFormatter(settings.log_format, settings.log_date_format)
 
 
 class _FormatOnce(logging.Formatter):
@@ -264,9 +296,7 @@ class LoggingHandle:
 def setup_logging(settings: Settings, secrets: Iterable[str] = ()) -> LoggingHandle:
     """Console plus a midnight-rotated file, fed through a queue so requests never wait on I/O."""
     settings.log_directory.mkdir(parents=True, exist_ok=True)
-    formatter = _FormatOnce(
-        JsonFormatter() if settings.log_format == "json" else logging.Formatter(TEXT_FORMAT, DATE_FORMAT)
-    )
+    formatter = _FormatOnce(make_formatter(settings))
     file_handler = SharedTimedRotatingFileHandler(
         settings.log_file,
         when="midnight",
@@ -284,8 +314,9 @@ def setup_logging(settings: Settings, secrets: Iterable[str] = ()) -> LoggingHan
     handle = LoggingHandle(listener, [file_handler, console], queue_handler)
     # Documented switches (logging's "Optimization" notes): neither format shows thread or
     # process names, and every record would look them up. LoggingHandle.close puts them back.
-    logging.logThreads = False
-    logging.logMultiprocessing = False
+    # A SAM %-format may show them; then they stay on.
+    logging.logThreads = "%(thread" in settings.log_format
+    logging.logMultiprocessing = "%(processName)" in settings.log_format
     listener.start()
     level = getattr(logging, settings.log_level)
     for name in _MANAGED_LOGGERS:

@@ -9,23 +9,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .settings import ConfigError, Settings
+from .sam_env import env_name
+from .settings import CREDENTIAL_FIELDS, ConfigError, Settings
 
 log = logging.getLogger("sam.callback.reload")
 
 # Noticed within 5 seconds (SPEC 11); a stat of two files every second costs nothing.
 POLL_SECONDS = 1.0
-
-# Settings that take effect without a restart, with the variable an operator edits.
-CREDENTIAL_FIELDS: dict[str, str] = {
-    "token": "CALLBACK_TOKEN",
-    "previous_tokens": "CALLBACK_TOKENS_ANTERIORES",
-    "jwt_public_key": "JWT_CLAVE_PUBLICA",
-    "jwt_audience": "JWT_AUDIENCE",
-    "jwt_issuer": "JWT_ISSUER",
-    "api_gateway_client_id": "APIGW_CLIENT_ID",
-    "allowed_ips": "CALLBACK_ALLOWED_IPS",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +115,7 @@ class CredentialReloader:
                 reason, " | ".join(exc.problems),
             )  # fmt: skip
             return False
-        fields = [name for name in CREDENTIAL_FIELDS if name in type(fresh).model_fields]
+        fields = sorted(CREDENTIAL_FIELDS)
         changed = [name for name in fields if getattr(fresh, name) != getattr(self.current, name)]
         digest = _key_digest(fresh)
         if digest != self._key_digest and "jwt_public_key" not in changed:
@@ -138,7 +128,7 @@ class CredentialReloader:
         if restart:
             log.warning(
                 "Cambios de configuración que solo se aplican al reiniciar el servicio: %s",
-                ", ".join(restart),
+                ", ".join(env_name(name) for name in restart),
             )
         if not changed:
             return False
@@ -155,6 +145,6 @@ class CredentialReloader:
         self._key_digest = digest
         log.warning(
             "Credenciales recargadas sin reiniciar (%s): %s",
-            reason, ", ".join(CREDENTIAL_FIELDS[name] for name in changed),
+            reason, ", ".join(env_name(name) for name in changed),
         )  # fmt: skip
         return True

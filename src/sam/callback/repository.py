@@ -321,7 +321,7 @@ def driver_problem(url: str) -> str | None:
     return None
 
 
-def make_engine(url: str, *, pool_size: int = 5) -> Engine:
+def make_engine(url: str, *, pool_size: int = 5, connect_timeout: int = 15) -> Engine:
     """Engine for SAM's database with timeouts that turn a stuck database into a fast error."""
     parsed = make_url(url)
     backend = parsed.get_backend_name()
@@ -348,7 +348,7 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
         }
         options |= {"pool_size": pool_size, "max_overflow": 2, "pool_timeout": 5}
     elif backend == "mssql":
-        connect_args = {"timeout": 15}
+        connect_args = {"timeout": connect_timeout}
         options |= {"pool_size": pool_size, "max_overflow": 2, "pool_timeout": 5}
         options["execution_options"] = {"schema_translate_map": {None: "dbo"}}
     engine = create_engine(parsed, connect_args=connect_args, **options)

@@ -93,7 +93,11 @@ class Runtime:
         """Open logs, the database engine, the spool and the writer thread."""
         settings = self.settings
         self.logging_handle = ensure_logging(settings)
-        engine = make_engine(settings.resolved_database_url(), pool_size=settings.server_threads)
+        engine = make_engine(
+            settings.resolved_database_url(),
+            pool_size=settings.server_threads,
+            connect_timeout=settings.sql_connect_timeout,
+        )
         self.repository = Repository(engine, settings.final_state_set)
         if engine.dialect.name == "sqlite":
             # The embedded default must work with no set-up at all.
@@ -123,6 +127,8 @@ class Runtime:
         self.recorder_.start()
         if settings.auth_mode == "none":
             log.warning("CALLBACK_AUTH_MODE=none: el endpoint acepta callbacks sin autenticación")
+        for warning in self.authenticator.warnings:
+            log.warning("%s", warning)
         log.info(
             "sam-callback listo: endpoint=%s modo_auth=%s base_de_datos=%s spool=%s",
             settings.endpoint_path, settings.auth_mode, display_url(engine.url), settings.spool_path,

@@ -1,15 +1,18 @@
-"""Service configuration from the environment and `.env`, with SAM's older names as aliases."""
+"""Service configuration from the environment and `.env`, validated inside the model."""
 
 from __future__ import annotations
 
 import ipaddress
+import logging
 import ssl
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 from urllib.parse import quote_plus
 
-from pydantic import AliasChoices, Field, ValidationError, ValidationInfo, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from .sam_env import SamEnvironmentSource, env_name
 
 DEFAULT_FINAL_STATES = (
     "COMPLETED",
@@ -25,6 +28,12 @@ ASYMMETRIC_ALGORITHMS = frozenset(
 DEFAULT_SMTP_PORT = 587
 AuthMode = Literal["optional", "required", "none"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# SPEC 11: the settings that are credentials (re-read without a restart); the rest need one.
+CREDENTIAL_FIELDS = frozenset(
+    {"token", "previous_tokens", "jwt_public_key", "jwt_audience", "jwt_issuer", "api_gateway_client_id", "allowed_ips"}
+)
+# LOG_FORMATO values that are not a logging format string.
+NAMED_LOG_FORMATS = frozenset({"text", "json"})
 
 
 class ConfigError(Exception):
@@ -35,92 +44,108 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-def _alias(*names: str) -> Any:
-    return Field(None, validation_alias=AliasChoices(*names))
-
-
 def _split(value: str | None) -> list[str]:
     return [part.strip() for part in (value or "").split(",") if part.strip()]
 
 
-def parse_networks(value: str | None) -> list[IPNetwork]:
-    """Parse a comma-separated list of addresses and CIDR ranges."""
-    return [ipaddress.ip_network(part, strict=False) for part in _split(value)]
+def _as_list(value: Any) -> Any:
+    # Environment values are comma strings; tests and code may pass lists.
+    return _split(value) if isinstance(value, str) else value
+
+
+def parse_networks(value: str | list[Any] | None) -> list[IPNetwork]:
+    """Parse addresses and CIDR ranges (a comma string or a list); ValueError names the bad one."""
+    networks: list[IPNetwork] = []
+    for part in _as_list(value) or []:
+        if isinstance(part, ipaddress.IPv4Network | ipaddress.IPv6Network):
+            networks.append(part)
+            continue
+        try:
+            networks.append(ipaddress.ip_network(str(part).strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"'{part}' no es una dirección IP ni un rango CIDR válido") from None
+    return networks
+
+
+def log_format_problem(fmt: str) -> str | None:
+    """Why a %-style logging format cannot render a record, or None when it can."""
+    record = logging.LogRecord("sam.callback", logging.INFO, __file__, 1, "prueba", None, None, func="f")
+    record.request_id = "-"
+    try:
+        logging.Formatter(fmt, validate=True).format(record)
+    except (ValueError, KeyError, TypeError) as exc:
+        detail = f"campo desconocido {exc}" if isinstance(exc, KeyError) else str(exc)
+        return f"no es 'json' ni un formato de logging válido ({detail})"
+    return None
 
 
 class Settings(BaseSettings):
-    """Every setting of SPEC section 5; build with `Settings(_env_file=None, ...)` in tests."""
+    """Every setting of SPEC section 5; build with `Settings(_env_file=None, field=value)` in tests.
 
-    model_config = SettingsConfigDict(
-        env_file=".env",
-        env_file_encoding="utf-8",
-        extra="ignore",
-        case_sensitive=False,
-        populate_by_name=True,
-    )
+    Values come from `.env` and the environment under SAM's names (`sam_env.NAMES`); keyword
+    arguments use the field names. Every value is validated here, so a Settings object that
+    exists is valid; what only serving needs (credentials, TLS files) is `problems()`.
+    """
 
-    server_host: str = Field("0.0.0.0", validation_alias=AliasChoices("CALLBACK_SERVER_HOST", "CALLBACK_HOST"))  # noqa: S104
-    server_port: int = Field(
-        8008,
-        ge=0,
-        le=65535,
-        validation_alias=AliasChoices("CALLBACK_SERVER_PORT", "CALLBACK_PUERTO"),
-    )
-    server_threads: int = Field(
-        10,
-        ge=1,
-        le=200,
-        validation_alias=AliasChoices("CALLBACK_SERVER_THREADS", "CALLBACK_THREADS"),
-    )
-    server_workers: int = Field(1, ge=1, le=64, validation_alias=AliasChoices("CALLBACK_SERVER_WORKERS"))
-    endpoint_path: str = Field(
-        "/api/callback",
-        validation_alias=AliasChoices("CALLBACK_ENDPOINT_PATH", "CALLBACK_ENDPOINT"),
-    )
-    auth_mode: AuthMode = Field("optional", validation_alias=AliasChoices("CALLBACK_AUTH_MODE", "CALLBACK_AUTH_MODO"))
-    token: str | None = _alias("CALLBACK_TOKEN")
-    api_gateway_client_id: str | None = _alias("API_GATEWAY_CLIENT_ID")
-    jwt_public_key: str | None = _alias("JWT_PUBLIC_KEY", "JWT_CLAVE_PUBLICA")
-    jwt_audience: str | None = _alias("JWT_AUDIENCE")
-    jwt_issuer: str | None = _alias("JWT_ISSUER")
-    jwt_algorithms: str = Field("RS256", validation_alias=AliasChoices("JWT_ALGORITHMS"))
-    jwt_leeway_seconds: int = Field(60, ge=0, le=86400 * 30, validation_alias=AliasChoices("JWT_LEEWAY_SECONDS"))
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
 
-    database_url: str | None = _alias("SAM_DATABASE_URL")
-    sql_driver: str = Field("ODBC Driver 17 for SQL Server", validation_alias=AliasChoices("SQL_SAM_DRIVER"))
-    sql_host: str | None = _alias("SQL_SAM_HOST")
-    sql_db_name: str | None = _alias("SQL_SAM_DB_NAME", "SQL_SAM_BD_NOMBRE")
-    sql_uid: str | None = _alias("SQL_SAM_UID", "SQL_SAM_USUARIO")
-    sql_pwd: str | None = _alias("SQL_SAM_PWD", "SQL_SAM_PASSWORD")
+    server_host: str = "0.0.0.0"  # noqa: S104 - a service listens on every interface, as SAM's does
+    server_port: int = Field(8008, ge=0, le=65535)
+    server_threads: int = Field(10, ge=1, le=200)
+    server_workers: int = Field(1, ge=1, le=64)
+    endpoint_path: str = "/api/callback"
+    auth_mode: AuthMode = "optional"
+    token: str | None = None
+    previous_tokens: list[str] = Field(default_factory=list)
+    api_gateway_client_id: str | None = None
+    jwt_public_key: str | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    jwt_algorithms: list[str] = Field(default_factory=lambda: ["RS256"])
+    jwt_leeway_seconds: int = Field(60, ge=0, le=86400 * 30)
 
-    spool_path: Path = Field(Path("./data/spool.db"), validation_alias=AliasChoices("CALLBACK_SPOOL_PATH"))
-    max_body_bytes: int = Field(
-        1_048_576,
-        ge=1024,
-        le=64 * 1_048_576,
-        validation_alias=AliasChoices("CALLBACK_MAX_BODY_BYTES"),
-    )
-    final_states: str = Field(",".join(DEFAULT_FINAL_STATES), validation_alias=AliasChoices("CALLBACK_FINAL_STATES"))
-    match_window_seconds: int = Field(86400, ge=0, validation_alias=AliasChoices("CALLBACK_MATCH_WINDOW_SECONDS"))
-    docs_enabled: bool = Field(True, validation_alias=AliasChoices("CALLBACK_DOCS_ENABLED"))
-    allowed_ips: str = Field("", validation_alias=AliasChoices("CALLBACK_ALLOWED_IPS"))
-    admin_allowed_ips: str = Field("127.0.0.1/8, ::1", validation_alias=AliasChoices("CALLBACK_ADMIN_ALLOWED_IPS"))
-    trusted_proxies: str = Field("", validation_alias=AliasChoices("CALLBACK_TRUSTED_PROXIES"))
-    rejected_max: int = Field(1000, ge=0, le=1_000_000, validation_alias=AliasChoices("CALLBACK_REJECTED_MAX"))
-    auth_failures_limit: int = Field(30, ge=0, validation_alias=AliasChoices("CALLBACK_AUTH_FAILURES_LIMIT"))
-    ssl_certfile: Path | None = _alias("CALLBACK_SSL_CERTFILE")
-    ssl_keyfile: Path | None = _alias("CALLBACK_SSL_KEYFILE")
+    database_url: str | None = None
+    sql_driver: str = "ODBC Driver 17 for SQL Server"
+    sql_host: str | None = None
+    sql_db_name: str | None = None
+    sql_uid: str | None = None
+    sql_pwd: str | None = None
+    sql_connect_timeout: int = Field(30, ge=1, le=3600)
 
-    log_directory: Path = Field(Path("./logs"), validation_alias=AliasChoices("LOG_DIRECTORY", "LOG_DIRECTORIO"))
-    log_filename: str = Field(
-        "sam_callback_server.log",
-        validation_alias=AliasChoices("APP_LOG_FILENAME_CALLBACK", "CALLBACK_LOG_FILENAME", "LOG_ARCHIVO_CALLBACK"),
-    )
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
-        "INFO", validation_alias=AliasChoices("LOG_LEVEL")
-    )
-    log_format: Literal["text", "json"] = Field("text", validation_alias=AliasChoices("LOG_FORMAT"))
-    log_backup_count: int = Field(30, ge=0, le=3650, validation_alias=AliasChoices("LOG_BACKUP_COUNT"))
+    spool_path: Path = Path("./data/spool.db")
+    max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576)
+    final_states: list[str] = Field(default_factory=lambda: list(DEFAULT_FINAL_STATES))
+    match_window_seconds: int = Field(86400, ge=0)
+    docs_enabled: bool = True
+    allowed_ips: list[IPNetwork] = Field(default_factory=list)
+    trusted_proxies: list[IPNetwork] = Field(default_factory=list)
+    auth_failures_limit: int = Field(30, ge=0)
+    rejected_max: int = Field(1000, ge=0, le=1_000_000)
+    # Who may open /panel; empty closes it to everybody (unlike allowed_ips, where empty is all).
+    admin_allowed_ips: list[IPNetwork] = Field(default_factory=lambda: parse_networks("127.0.0.1/8, ::1"))
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+
+    log_directory: Path = Path("./logs")
+    log_filename: str = "sam_callback_server.log"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    # "text" (the service's layout), "json", or a %-style logging format as SAM's services use.
+    log_format: str = "text"
+    log_date_format: str = "%Y-%m-%d %H:%M:%S"
+    log_backup_count: int = Field(30, ge=0, le=3650)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Keyword arguments first, then SAM's names from the environment and `.env`."""
+        # `Settings(_env_file=None)` reaches the dotenv source; SAM's source reads the same file.
+        return init_settings, SamEnvironmentSource(settings_cls, getattr(dotenv_settings, "env_file", None))
 
     @field_validator("auth_mode", mode="before")
     @classmethod
@@ -136,10 +161,15 @@ class Settings(BaseSettings):
     def _upper_level(cls, value: Any) -> Any:
         return value.strip().upper() if isinstance(value, str) else value
 
-    @field_validator("log_format", mode="before")
+    @field_validator("log_format")
     @classmethod
-    def _lower_format(cls, value: Any) -> Any:
-        return value.strip().lower() if isinstance(value, str) else value
+    def _log_format(cls, value: str) -> str:
+        if value.strip().lower() in NAMED_LOG_FORMATS:
+            return value.strip().lower()
+        problem = log_format_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
     @field_validator(
         "token", "api_gateway_client_id", "jwt_public_key", "jwt_audience", "jwt_issuer",
@@ -154,45 +184,101 @@ class Settings(BaseSettings):
             return None
         return value
 
+    @field_validator("previous_tokens", mode="before")
+    @classmethod
+    def _previous_tokens(cls, value: Any) -> Any:
+        return _as_list(value)
+
+    @field_validator("final_states", mode="before")
+    @classmethod
+    def _final_states(cls, value: Any) -> Any:
+        states = [str(state).strip().upper() for state in _as_list(value) or [] if str(state).strip()]
+        if not states:
+            raise ValueError("la lista de estados finales no puede estar vacía")
+        for state in states:
+            if len(state) > 20:
+                raise ValueError(f"'{state}' supera los 20 caracteres de la columna Estado")
+        return sorted(set(states), key=states.index)
+
+    @field_validator("jwt_algorithms", mode="before")
+    @classmethod
+    def _jwt_algorithms(cls, value: Any) -> Any:
+        algorithms = [str(a).strip() for a in _as_list(value) or [] if str(a).strip()]
+        if not algorithms:
+            raise ValueError("indique al menos un algoritmo (por ejemplo RS256)")
+        for algorithm in algorithms:
+            if algorithm not in ASYMMETRIC_ALGORITHMS:
+                raise ValueError(
+                    f"'{algorithm}' no está permitido; solo algoritmos asimétricos "
+                    f"({', '.join(sorted(ASYMMETRIC_ALGORITHMS))})"
+                )
+        return algorithms
+
+    @field_validator("allowed_ips", "trusted_proxies", "admin_allowed_ips", mode="before")
+    @classmethod
+    def _networks(cls, value: Any) -> Any:
+        return parse_networks(value)
+
     @field_validator("endpoint_path")
     @classmethod
-    def _path_starts_with_slash(cls, value: str) -> str:
+    def _endpoint_path(cls, value: str) -> str:
         value = value.strip()
-        if not value.startswith("/") or " " in value:
-            raise ValueError("debe empezar por '/' y no llevar espacios")
+        if " " in value or "?" in value or "#" in value:
+            raise ValueError("debe ser una ruta sin espacios, '?' ni '#' (por ejemplo /api/callback)")
+        # SAM accepts the path with or without its leading slash (`api/callback`).
+        value = "/" + value.lstrip("/")
         return value.rstrip("/") or "/"
 
-    # Derived values: computed here once so every module reads the same interpretation.
+    @field_validator("sql_driver")
+    @classmethod
+    def _sql_driver(cls, value: str) -> str:
+        # SAM writes the driver braced (`{ODBC Driver 17 for SQL Server}`); the URL braces it once.
+        value = value.strip()
+        if value.startswith("{") and value.endswith("}"):
+            value = value[1:-1].strip()
+        if not value or "{" in value or "}" in value or ";" in value:
+            raise ValueError("nombre de driver ODBC no válido (por ejemplo ODBC Driver 17 for SQL Server)")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> Self:
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("CALLBACK_SSL_CERTFILE y CALLBACK_SSL_KEYFILE deben configurarse juntos")
+        if self.sql_host and not self.database_url and not self.sql_db_name:
+            raise ValueError("SQL_SAM_BD_NOMBRE/SQL_SAM_DB_NAME: obligatorio cuando se configura SQL_SAM_HOST")
+        return self
+
+    # Derived values, read by the other modules under these names.
 
     @property
     def tokens(self) -> list[str]:
-        """Static tokens accepted, in rotation order."""
-        return _split(self.token)
+        """Static tokens accepted: CALLBACK_TOKEN, taken whole, then the previous ones."""
+        return ([self.token] if self.token else []) + [t for t in self.previous_tokens if t != self.token]
 
     @property
     def final_state_set(self) -> frozenset[str]:
         """Final states, upper-case."""
-        return frozenset(state.upper() for state in _split(self.final_states))
+        return frozenset(self.final_states)
 
     @property
     def jwt_algorithm_list(self) -> list[str]:
         """Signature algorithms allowed for gateway JWTs."""
-        return _split(self.jwt_algorithms)
+        return list(self.jwt_algorithms)
 
     @property
     def allowed_networks(self) -> list[IPNetwork]:
         """Networks allowed to call; empty means everybody."""
-        return parse_networks(self.allowed_ips)
+        return list(self.allowed_ips)
 
     @property
     def admin_allowed_networks(self) -> list[IPNetwork]:
-        """Networks that may open the operator page; empty means nobody."""
-        return parse_networks(self.admin_allowed_ips)
+        """Networks allowed to open the operator page."""
+        return list(self.admin_allowed_ips)
 
     @property
     def trusted_proxy_networks(self) -> list[IPNetwork]:
         """Peers whose X-Forwarded-For is believed."""
-        return parse_networks(self.trusted_proxies)
+        return list(self.trusted_proxies)
 
     @property
     def log_file(self) -> Path:
@@ -208,71 +294,35 @@ class Settings(BaseSettings):
         return "sqlite:///" + Path("./data/sam.db").as_posix()
 
     def problems(self) -> list[str]:
-        """Cross-field problems that stop the start, one Spanish line each."""
+        """What stops serving (not the operator commands), one Spanish line each."""
         problems: list[str] = []
-        for name, value in (
-            ("CALLBACK_ALLOWED_IPS", self.allowed_ips),
-            ("CALLBACK_TRUSTED_PROXIES", self.trusted_proxies),
-            ("CALLBACK_ADMIN_ALLOWED_IPS", self.admin_allowed_ips),
-        ):
-            for part in _split(value):
-                try:
-                    ipaddress.ip_network(part, strict=False)
-                except ValueError:
-                    problems.append(f"{name}: '{part}' no es una dirección IP ni un rango CIDR válido")
-        if not self.final_state_set:
-            problems.append("CALLBACK_FINAL_STATES: la lista de estados finales no puede estar vacía")
-        for state in self.final_state_set:
-            if len(state) > 20:
-                problems.append(f"CALLBACK_FINAL_STATES: '{state}' supera los 20 caracteres de la columna Estado")
-        algorithms = self.jwt_algorithm_list
-        if not algorithms:
-            problems.append("JWT_ALGORITHMS: indique al menos un algoritmo (por ejemplo RS256)")
-        for algorithm in algorithms:
-            if algorithm not in ASYMMETRIC_ALGORITHMS:
-                problems.append(
-                    f"JWT_ALGORITHMS: '{algorithm}' no está permitido; solo algoritmos asimétricos "
-                    f"({', '.join(sorted(ASYMMETRIC_ALGORITHMS))})"
-                )
         if self.auth_mode in ("optional", "required") and not self.tokens and not self.jwt_public_key:
             problems.append(
-                f"CALLBACK_AUTH_MODE={self.auth_mode} exige credenciales: configure CALLBACK_TOKEN "
-                "y/o JWT_PUBLIC_KEY, o use CALLBACK_AUTH_MODE=none (no recomendado)"
+                f"{env_name('auth_mode')}={self.auth_mode} exige credenciales: configure CALLBACK_TOKEN "
+                "y/o JWT_CLAVE_PUBLICA, o use CALLBACK_AUTH_MODO=none (no recomendado)"
             )
-        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
-            problems.append("CALLBACK_SSL_CERTFILE y CALLBACK_SSL_KEYFILE deben configurarse juntos")
-        for name, path in (
-            ("CALLBACK_SSL_CERTFILE", self.ssl_certfile),
-            ("CALLBACK_SSL_KEYFILE", self.ssl_keyfile),
-        ):
+        for name, path in (("CALLBACK_SSL_CERTFILE", self.ssl_certfile), ("CALLBACK_SSL_KEYFILE", self.ssl_keyfile)):
             if path is not None and not path.is_file():
                 problems.append(f"{name}: no existe el fichero {path}")
         if self.ssl_certfile and self.ssl_keyfile and self.ssl_certfile.is_file() and self.ssl_keyfile.is_file():
             problem = _tls_problem(self.ssl_certfile, self.ssl_keyfile)
             if problem:
                 problems.append(problem)
-        if self.sql_host and not self.database_url and not self.sql_db_name:
-            problems.append("SQL_SAM_DB_NAME: obligatorio cuando se configura SQL_SAM_HOST")
         return problems
 
     # --- E-mail alerts (SPEC sections 5 and 9): SAM's EMAIL_* settings, read as SAM reads them ---
 
-    email_smtp_host: str | None = Field(None, validation_alias=AliasChoices("EMAIL_SMTP_HOST", "EMAIL_SMTP_SERVER"))
-    email_smtp_port: int = Field(
-        DEFAULT_SMTP_PORT, ge=1, le=65535, validation_alias=AliasChoices("EMAIL_SMTP_PUERTO", "EMAIL_SMTP_PORT")
-    )
-    email_from: str | None = Field(None, validation_alias=AliasChoices("EMAIL_REMITENTE", "EMAIL_FROM"))
-    email_recipients: str = Field("", validation_alias=AliasChoices("EMAIL_DESTINATARIOS", "EMAIL_RECIPIENTS"))
-    email_use_tls: bool = Field(True, validation_alias=AliasChoices("EMAIL_TLS_HABILITAR", "EMAIL_USE_TLS"))
-    email_user: str | None = Field(None, validation_alias=AliasChoices("EMAIL_USUARIO", "EMAIL_USER"))
-    email_password: str | None = Field(None, validation_alias=AliasChoices("EMAIL_PASSWORD"))
-    alert_auth_failures: int = Field(5, ge=0, le=100_000, validation_alias=AliasChoices("CALLBACK_ALERT_AUTH_FAILURES"))
-    alert_database_seconds: int = Field(
-        300, ge=0, le=86400 * 7, validation_alias=AliasChoices("CALLBACK_ALERT_DATABASE_SECONDS")
-    )
-    alert_repeat_seconds: int = Field(
-        3600, ge=1, le=86400 * 7, validation_alias=AliasChoices("CALLBACK_ALERT_REPEAT_SECONDS")
-    )
+    # Their SAM names (current first) are in sam_env.NAMES, like every other setting's.
+    email_smtp_host: str | None = None
+    email_smtp_port: int = Field(DEFAULT_SMTP_PORT, ge=1, le=65535)
+    email_from: str | None = None
+    email_recipients: str = ""
+    email_use_tls: bool = True
+    email_user: str | None = None
+    email_password: str | None = None
+    alert_auth_failures: int = Field(5, ge=0, le=100_000)
+    alert_database_seconds: int = Field(300, ge=0, le=86400 * 7)
+    alert_repeat_seconds: int = Field(3600, ge=1, le=86400 * 7)
 
     @field_validator("email_smtp_host", "email_from", "email_user", "email_password", mode="before")
     @classmethod
@@ -324,21 +374,16 @@ def mssql_url(settings: Settings) -> str:
             f"PWD={{{(settings.sql_pwd or '').replace('}', '}}')}}}",
         ]
     else:
+        # Windows authentication, as SAM connects when no user is configured.
         parts.append("Trusted_Connection=yes")
-    parts += ["TrustServerCertificate=yes", "Connection Timeout=30"]
+    parts.append("TrustServerCertificate=yes")
     return "mssql+pyodbc:///?odbc_connect=" + quote_plus(";".join(parts) + ";")
-
-
-_FIELD_TO_ENV = {
-    name: (field.validation_alias.choices[0] if isinstance(field.validation_alias, AliasChoices) else name)
-    for name, field in Settings.model_fields.items()
-}
 
 
 def _translate(error: Any) -> str:
     kind = error.get("type", "")
     ctx = error.get("ctx") or {}
-    if kind in ("int_parsing", "int_type"):
+    if kind in ("int_parsing", "int_type", "int_from_float"):
         return "debe ser un número entero"
     if kind in ("bool_parsing", "bool_type"):
         return "debe ser true o false"
@@ -352,18 +397,25 @@ def _translate(error: Any) -> str:
     return "valor no válido"
 
 
-def load_settings(**overrides: Any) -> Settings:
-    """Read the settings; raise ConfigError with one readable line per problem."""
+def load_settings(*, for_serving: bool = True, **overrides: Any) -> Settings:
+    """Read the settings; raise ConfigError with one readable line per problem.
+
+    `for_serving=False` is for operator commands (`status`, `spool`, `init-db --print-sql`),
+    which work where no credential is configured.
+    """
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
         lines = []
         for error in exc.errors(include_input=False):
-            field = str(error["loc"][0]) if error["loc"] else ""
-            env_name = _FIELD_TO_ENV.get(field, field.upper())
-            lines.append(f"{env_name}: {_translate(error)}")
-        raise ConfigError(lines) from None
-    problems = settings.problems()
-    if problems:
-        raise ConfigError(problems)
+            loc = error["loc"]
+            if loc:
+                lines.append(f"{env_name(str(loc[0]))}: {_translate(error)}")
+            else:
+                lines.append(_translate(error))
+        raise ConfigError(list(dict.fromkeys(lines))) from None
+    if for_serving:
+        problems = settings.problems()
+        if problems:
+            raise ConfigError(problems)
     return settings
