@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from sam.callback import recorder as recorder_module
 from sam.callback.recorder import Recorder
 from sam.callback.repository import Callback, Outcome, Repository, make_engine
 from sam.callback.spool import Spool
@@ -53,7 +52,6 @@ def test_a_stuck_writer_hands_each_callback_back_to_its_request(
     parts: tuple[Repository, Spool, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     repository, spool, _url = parts
-    monkeypatch.setattr(recorder_module, "SUBMIT_TIMEOUT_SECONDS", 0.3)
     release = threading.Event()
 
     def frozen(callbacks: Sequence[Callback]) -> list[Outcome]:
@@ -61,7 +59,7 @@ def test_a_stuck_writer_hands_each_callback_back_to_its_request(
         return [Outcome.NOT_FOUND for _ in callbacks]
 
     monkeypatch.setattr(repository, "apply_many", frozen)
-    recorder = Recorder(repository, spool, match_window=60)
+    recorder = Recorder(repository, spool, match_window=60, database_timeout=0.3)
     recorder.start()
 
     async def staggered() -> list[str]:

@@ -97,7 +97,11 @@ class Runtime:
             on_applied=lambda result: self.metrics.spool_applied.labels(result).inc(),
         )
         self.recorder_ = Recorder(
-            self.repository, self.spool, match_window=settings.match_window_seconds, events=events
+            self.repository,
+            self.spool,
+            match_window=settings.match_window_seconds,
+            events=events,
+            database_timeout=settings.database_timeout_seconds,
         )
         self.recorder_.start()
         if settings.auth_mode == "none":

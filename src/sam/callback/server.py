@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -15,8 +16,9 @@ import uvicorn
 
 from .app import create_app
 from .auth import Authenticator
-from .protocols import HttpToolsHeaderTimeoutProtocol, apply_test_timeouts
+from .protocols import protocol_factory
 from .repository import driver_problem
+from .responses import envelope, request_id_from
 from .runtime import close_logging, ensure_logging
 from .settings import ConfigError, Settings
 
@@ -24,6 +26,19 @@ log = logging.getLogger("sam.callback")
 
 GRACEFUL_SHUTDOWN_SECONDS = 30
 KEEP_ALIVE_SECONDS = 5
+# httptools (llhttp) puts no limit on a request head: a 20 MB header is buffered whole (and
+# re-concatenated chunk by chunk) before the app sees it. Larger heads are refused with 431.
+MAX_HEAD_BYTES = 64 * 1024
+
+
+def head_too_large_answer(limit: int) -> tuple[str, bytes]:
+    """Request id and JSON body of the 431 answer to a request head over `limit` bytes."""
+    _status, body = envelope(
+        "headers_too_large",
+        request_id_from(None),
+        message=f"La línea de petición y las cabeceras superan el máximo de {limit} bytes",
+    )
+    return body["request_id"], json.dumps(body, ensure_ascii=False).encode("utf-8")
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
@@ -37,8 +52,15 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "date_header": True,
         "timeout_keep_alive": KEEP_ALIVE_SECONDS,
         "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_SECONDS,
-        # uvicorn's own protocol waits for ever for a request's headers (slow clients).
-        "http": HttpToolsHeaderTimeoutProtocol,
+        # uvicorn's own protocol waits for ever for a request's headers (slow clients) and
+        # buffers heads of any size. The server always runs this httptools protocol (a
+        # dependency on every platform), so uvicorn's h11 parser is never used.
+        "http": protocol_factory(
+            header_timeout=settings.header_timeout_seconds,
+            max_head_bytes=MAX_HEAD_BYTES,
+            head_too_large=head_too_large_answer,
+            quiet_path=settings.endpoint_path,
+        ),
     }
     if settings.ssl_certfile and settings.ssl_keyfile:
         options |= {
@@ -59,7 +81,6 @@ def _ignore_stop_signals() -> None:
 
 def serve(settings: Settings) -> int:
     """Serve until stopped; return the process exit code."""
-    apply_test_timeouts()
     _check_database_driver(settings)
     handle = ensure_logging(settings)
     try:

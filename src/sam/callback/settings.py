@@ -99,6 +99,17 @@ class Settings(BaseSettings):
         le=64 * 1_048_576,
         validation_alias=AliasChoices("CALLBACK_MAX_BODY_BYTES"),
     )
+    # How long a client may take to send a request's line and headers, and then its body; how
+    # long a request waits for the writer before keeping its callback in the spool itself.
+    header_timeout_seconds: float = Field(
+        15.0, ge=1, le=3600, validation_alias=AliasChoices("CALLBACK_HEADER_TIMEOUT_SECONDS")
+    )
+    body_timeout_seconds: float = Field(
+        30.0, ge=1, le=3600, validation_alias=AliasChoices("CALLBACK_BODY_TIMEOUT_SECONDS")
+    )
+    database_timeout_seconds: float = Field(
+        20.0, ge=1, le=3600, validation_alias=AliasChoices("CALLBACK_DATABASE_TIMEOUT_SECONDS")
+    )
     final_states: str = Field(",".join(DEFAULT_FINAL_STATES), validation_alias=AliasChoices("CALLBACK_FINAL_STATES"))
     match_window_seconds: int = Field(86400, ge=0, validation_alias=AliasChoices("CALLBACK_MATCH_WINDOW_SECONDS"))
     docs_enabled: bool = Field(True, validation_alias=AliasChoices("CALLBACK_DOCS_ENABLED"))
@@ -292,6 +303,8 @@ def _translate(error: Any) -> str:
     ctx = error.get("ctx") or {}
     if kind in ("int_parsing", "int_type"):
         return "debe ser un número entero"
+    if kind in ("float_parsing", "float_type"):
+        return "debe ser un número"
     if kind in ("bool_parsing", "bool_type"):
         return "debe ser true o false"
     if kind == "literal_error":
