@@ -26,6 +26,7 @@ log = logging.getLogger("sam.callback")
 
 GRACEFUL_SHUTDOWN_SECONDS = 30
 KEEP_ALIVE_SECONDS = 5
+WORKER_HEALTHCHECK_SECONDS = 60
 # httptools (llhttp) puts no limit on a request head: a 20 MB header is buffered whole (and
 # re-concatenated chunk by chunk) before the app sees it. Larger heads are refused with 431.
 MAX_HEAD_BYTES = 64 * 1024
@@ -130,6 +131,9 @@ def _serve_workers(settings: Settings) -> int:
             "sam.callback.app:app_from_environment",
             factory=True,
             workers=settings.server_workers,
+            # uvicorn's default (5 s) restarts a worker that has not answered its ping in time:
+            # on a busy machine a fresh worker is still importing, and it was killed over and over.
+            timeout_worker_healthcheck=WORKER_HEALTHCHECK_SECONDS,
             **uvicorn_options(settings),
         )
         return 0
