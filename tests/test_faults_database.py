@@ -172,8 +172,8 @@ def test_database_that_never_answers_still_gets_callbacks_answered(
 ) -> None:
     """PostgreSQL accepts the connection but its backends freeze: 202 queued, applied once back."""
     insert_runs(pg_url, ["warm-1", "hung-1", "hung-2"])
-    # submit=2: the request keeps the callback in the spool itself after 2 s instead of 20 s.
-    server = server_factory(SAM_DATABASE_URL=pg_url, SAM_CALLBACK_TEST_TIMEOUTS="submit=2").start()
+    # The request keeps the callback in the spool itself after 2 s instead of 20 s.
+    server = server_factory(SAM_DATABASE_URL=pg_url, CALLBACK_DATABASE_TIMEOUT_SECONDS="2").start()
     assert _post(server, callback_body("warm-1", FINAL)).json()["code"] == "updated"
     database = pg_url.rsplit("/", 1)[1]
     engine = sa.create_engine(pg_url.rsplit("/", 1)[0] + "/postgres")

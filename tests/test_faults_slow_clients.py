@@ -16,8 +16,8 @@ from tests.utils import TOKEN, ServerProcess, insert_run, wait_for
 
 pytestmark = pytest.mark.slow
 
-# Short timeouts through the variable only tests use, so that the test takes seconds.
-TIMEOUTS = "header=1.5,body=1.5"
+# Short timeouts, so that the test takes seconds.
+TIMEOUTS = {"CALLBACK_HEADER_TIMEOUT_SECONDS": "1.5", "CALLBACK_BODY_TIMEOUT_SECONDS": "1.5"}
 GIVE_UP_AFTER = 30.0  # a bound on every slow client's loop, far above the timeouts
 
 
@@ -67,7 +67,7 @@ def test_slow_clients_are_dropped_and_valid_callbacks_still_answered(
     server_factory: Callable[..., ServerProcess], tmp_path: Path
 ) -> None:
     """Slow-loris connections are closed after the timeouts; valid callbacks get their 200s."""
-    server = server_factory(SAM_CALLBACK_TEST_TIMEOUTS=TIMEOUTS).start()
+    server = server_factory(**TIMEOUTS).start()
     database = f"sqlite:///{(tmp_path / 'sam.db').as_posix()}"
     slow = [SlowClient(server.port, behaviour) for behaviour in ["trickle"] * 40 + ["silent"] * 20 + ["no-body"] * 20]
     for client in slow:

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from sam.callback import recorder as recorder_module
 from sam.callback.recorder import Recorder, RecorderEvents
 from sam.callback.repository import Callback, Outcome, Repository, make_engine
 from sam.callback.spool import Spool
@@ -54,7 +53,6 @@ def test_a_stuck_writer_hands_each_callback_back_to_its_request(
     parts: tuple[Repository, Spool, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     repository, spool, _url = parts
-    monkeypatch.setattr(recorder_module, "SUBMIT_TIMEOUT_SECONDS", 0.3)
     release = threading.Event()
 
     def frozen(callbacks: Sequence[Callback]) -> list[Outcome]:
@@ -62,7 +60,7 @@ def test_a_stuck_writer_hands_each_callback_back_to_its_request(
         return [Outcome.NOT_FOUND for _ in callbacks]
 
     monkeypatch.setattr(repository, "apply_many", frozen)
-    recorder = Recorder(repository, spool, match_window=60)
+    recorder = Recorder(repository, spool, match_window=60, database_timeout=0.3)
     recorder.start()
 
     async def staggered() -> list[str]:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from sam.callback.protocols import MAX_HEAD_BYTES
+from sam.callback.server import MAX_HEAD_BYTES
 from tests.utils import TOKEN, ServerProcess, auth_headers
 
 VALID = b'{"deploymentId":"servidor-real","status":"RUN_COMPLETED"}'

@@ -1,3 +1,6 @@
 """sam-callback: receives Automation Anywhere A360 callbacks and records them in SAM's database."""
 
-__version__ = "1.0.0"
+from importlib.metadata import version
+
+# The one place the version is written is pyproject.toml; the installed metadata carries it.
+__version__ = version("sam-callback")

@@ -21,12 +21,12 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from . import __version__
 from .activity import Activity
 from .endpoint import CallbackEndpoint
 from .logs import request_id_var
 from .openapi import install_openapi
 from .panel import PANEL_OPENAPI, panel_response, start_publisher
-from .protocols import apply_test_timeouts
 from .responses import envelope, request_id_from
 from .runtime import Runtime, close_logging, ensure_logging
 from .settings import Settings, load_settings
@@ -125,7 +125,7 @@ def create_app(settings: Settings, *, watch_credentials: bool = False) -> FastAP
         runtime=runtime,
         activity=activity,
         title="sam-callback",
-        version="1.0.0",
+        version=__version__,
         summary="Receptor de callbacks de Automation Anywhere A360 para SAM",
         lifespan=lifespan,
         docs_url="/docs" if docs else None,
@@ -276,8 +276,6 @@ def _no_db() -> None:
 
 def app_from_environment() -> FastAPI:
     """Factory for `uvicorn --factory` and worker processes: settings from the environment."""
-    # Worker processes are fresh interpreters: they apply the tests' short timeouts themselves.
-    apply_test_timeouts()
     settings = load_settings()
     # In a worker process uvicorn logs before the lifespan starts ("Started server process");
     # configure logging now so those lines reach the file, and flush it when the worker exits.

@@ -13,6 +13,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .logs import log_fields, request_id_var
 from .payload import PayloadError, is_probe, parse_callback
+from .protocols import BODY_RECEIVED
 from .rejected import RejectedStoreError
 from .responses import request_id_from, send_envelope, send_recorded
 
@@ -22,9 +23,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sam.callback.http")
 
-BODY_TIMEOUT_SECONDS = 30.0
-# Set in the scope by protocols.py once the whole body has arrived: reading it cannot wait.
-BODY_RECEIVED = "sam.body_received"
 _INFO = logging.INFO
 _JSON_TYPES = (b"application/json", b"text/plain")
 _REFUSED = frozenset({"unauthorized", "forbidden", "too_many_requests"})
@@ -44,6 +42,7 @@ class CallbackEndpoint:
         self.path = runtime.settings.endpoint_path
         self._path = self.path.rstrip("/")
         self.max_body = runtime.settings.max_body_bytes
+        self.body_timeout = runtime.settings.body_timeout_seconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Dispatch by path."""
@@ -227,7 +226,7 @@ class CallbackEndpoint:
             # The common case, and no timer to arm and cancel: the body is already here.
             return await self._receive_body(receive)
         # A client that stops sending mid-body must not hold the request open for ever.
-        async with asyncio.timeout(BODY_TIMEOUT_SECONDS):
+        async with asyncio.timeout(self.body_timeout):
             return await self._receive_body(receive)
 
     async def _receive_body(self, receive: Receive) -> bytes | None:

@@ -38,11 +38,12 @@ _MAX_DB_BACKOFF = 10.0
 # `sam-callback spool retry` makes it due at once after the fix.
 REFUSED_RETRY_SECONDS = 3600.0
 
-# How long a request waits for the writer before keeping the callback in the spool itself.
-# Above the database's own limits (lock_timeout 5 s, statement_timeout 15 s): it only fires when
-# the database accepts connections but never answers (a frozen server, a network black hole),
-# where the writer thread stays blocked and, without it, no callback would get an answer.
-SUBMIT_TIMEOUT_SECONDS = 20.0
+# How long a request waits for the writer before keeping the callback in the spool itself
+# (CALLBACK_DATABASE_TIMEOUT_SECONDS). Above the database's own limits (lock_timeout 5 s,
+# statement_timeout 15 s): it only fires when the database accepts connections but never answers
+# (a frozen server, a network black hole), where the writer thread stays blocked and, without
+# it, no callback would get an answer.
+DEFAULT_DATABASE_TIMEOUT_SECONDS = 20.0
 
 
 def pending_delay(age: float) -> float:
@@ -100,8 +101,10 @@ class Recorder:
         *,
         match_window: float,
         events: RecorderEvents | None = None,
+        database_timeout: float = DEFAULT_DATABASE_TIMEOUT_SECONDS,
     ) -> None:
         self.repository = repository
+        self.database_timeout = database_timeout
         self.spool = spool
         self.match_window = match_window
         self.events = events or RecorderEvents()
@@ -145,7 +148,7 @@ class Recorder:
         """Record one callback durably; return the envelope code once it is committed."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[str] = loop.create_future()
-        item = _Item(callback, request_id, future, loop.time() + SUBMIT_TIMEOUT_SECONDS)
+        item = _Item(callback, request_id, future, loop.time() + self.database_timeout)
         # One watchdog for all requests instead of a timeout per request: arming and cancelling
         # a timer for every callback cost more than the rest of this method.
         self._waiting.append(item)
@@ -187,7 +190,7 @@ class Recorder:
             return UNAVAILABLE
         log.warning(
             "La base de datos no responde en %.0f s; callback guardado en el spool deploymentId=%s request_id=%s",
-            SUBMIT_TIMEOUT_SECONDS, item.callback.deployment_id, item.request_id,
+            self.database_timeout, item.callback.deployment_id, item.request_id,
         )  # fmt: skip
         return QUEUED
 

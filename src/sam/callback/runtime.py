@@ -122,7 +122,11 @@ class Runtime:
             on_refused=self.alerts.refused_for_good,
         )
         self.recorder_ = Recorder(
-            self.repository, self.spool, match_window=settings.match_window_seconds, events=events
+            self.repository,
+            self.spool,
+            match_window=settings.match_window_seconds,
+            events=events,
+            database_timeout=settings.database_timeout_seconds,
         )
         self.recorder_.start()
         if settings.auth_mode == "none":

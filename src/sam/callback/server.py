@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -18,8 +19,9 @@ from uvicorn.supervisors import Multiprocess
 from .app import create_app
 from .auth import Authenticator
 from .listen import systemd_listener
-from .protocols import HttpToolsHeaderTimeoutProtocol, apply_test_timeouts
+from .protocols import protocol_factory
 from .repository import driver_problem
+from .responses import envelope, request_id_from
 from .runtime import close_logging, ensure_logging
 from .settings import ConfigError, Settings
 
@@ -27,6 +29,23 @@ log = logging.getLogger("sam.callback")
 
 GRACEFUL_SHUTDOWN_SECONDS = 30
 KEEP_ALIVE_SECONDS = 5
+# uvicorn kills a worker that does not answer its supervisor's ping within this time, then
+# starts another. Its default (5 s) is shorter than a worker's start on a busy machine: the
+# workers were replaced one after another and none ever served.
+WORKER_HEALTHCHECK_SECONDS = 60
+# httptools (llhttp) puts no limit on a request head: a 20 MB header is buffered whole (and
+# re-concatenated chunk by chunk) before the app sees it. Larger heads are refused with 431.
+MAX_HEAD_BYTES = 64 * 1024
+
+
+def head_too_large_answer(limit: int) -> tuple[str, bytes]:
+    """Request id and JSON body of the 431 answer to a request head over `limit` bytes."""
+    _status, body = envelope(
+        "headers_too_large",
+        request_id_from(None),
+        message=f"La línea de petición y las cabeceras superan el máximo de {limit} bytes",
+    )
+    return body["request_id"], json.dumps(body, ensure_ascii=False).encode("utf-8")
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
@@ -40,8 +59,15 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "date_header": True,
         "timeout_keep_alive": KEEP_ALIVE_SECONDS,
         "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_SECONDS,
-        # uvicorn's own protocol waits for ever for a request's headers (slow clients).
-        "http": HttpToolsHeaderTimeoutProtocol,
+        # uvicorn's own protocol waits for ever for a request's headers (slow clients) and
+        # buffers heads of any size. The server always runs this httptools protocol (a
+        # dependency on every platform), so uvicorn's h11 parser is never used.
+        "http": protocol_factory(
+            header_timeout=settings.header_timeout_seconds,
+            max_head_bytes=MAX_HEAD_BYTES,
+            head_too_large=head_too_large_answer,
+            quiet_path=settings.endpoint_path,
+        ),
     }
     if settings.ssl_certfile and settings.ssl_keyfile:
         options |= {
@@ -62,7 +88,6 @@ def _ignore_stop_signals() -> None:
 
 def serve(settings: Settings) -> int:
     """Serve until stopped; return the process exit code."""
-    apply_test_timeouts()
     _check_database_driver(settings)
     handle = ensure_logging(settings)
     listener: socket.socket | None = None
@@ -93,12 +118,6 @@ def _check_database_driver(settings: Settings) -> None:
             else ("SQL_SAM_DRIVER" if settings.sql_host else "base de datos")
         )
         raise ConfigError([f"{source}: {problem}"])
-
-
-# uvicorn kills a worker that does not answer its supervisor's ping within this time, then
-# starts another. Its default (5 s) is shorter than a worker's start on a busy machine: the
-# workers were replaced one after another and none ever served.
-WORKER_HEALTHCHECK_SECONDS = 30
 
 
 def _serve_workers(settings: Settings, listener: socket.socket | None) -> int:

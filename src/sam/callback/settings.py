@@ -114,6 +114,11 @@ class Settings(BaseSettings):
 
     spool_path: Path = Path("./data/spool.db")
     max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576)
+    # How long a client may take to send a request's line and headers, and then its body; how
+    # long a request waits for the writer before keeping its callback in the spool itself.
+    header_timeout_seconds: float = Field(15.0, ge=1, le=3600)
+    body_timeout_seconds: float = Field(30.0, ge=1, le=3600)
+    database_timeout_seconds: float = Field(20.0, ge=1, le=3600)
     final_states: list[str] = Field(default_factory=lambda: list(DEFAULT_FINAL_STATES))
     match_window_seconds: int = Field(86400, ge=0)
     docs_enabled: bool = True
@@ -385,6 +390,8 @@ def _translate(error: Any) -> str:
     ctx = error.get("ctx") or {}
     if kind in ("int_parsing", "int_type", "int_from_float"):
         return "debe ser un número entero"
+    if kind in ("float_parsing", "float_type"):
+        return "debe ser un número"
     if kind in ("bool_parsing", "bool_type"):
         return "debe ser true o false"
     if kind == "literal_error":
