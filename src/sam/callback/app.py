@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
 from .activity import Activity
+from .domain import ResultCode
 from .endpoint import CallbackEndpoint
 from .logs import request_id_var
 from .openapi import install_openapi
@@ -62,7 +63,7 @@ class RequestIdMiddleware:
 
 
 def _json(
-    code: str, *, headers: dict[str, str] | None = None, message: str | None = None, **extra: Any
+    code: ResultCode, *, headers: dict[str, str] | None = None, message: str | None = None, **extra: Any
 ) -> JSONResponse:
     status, body = envelope(code, request_id_var.get(), message=message, **extra)
     return JSONResponse(body, status_code=status, headers=headers)
@@ -159,8 +160,9 @@ def _reload_on_sighup(runtime: Runtime) -> None:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed"}
-        code = codes.get(exc.status_code, "invalid_payload" if exc.status_code < 500 else "internal_error")
+        codes = {404: ResultCode.NOT_FOUND, 405: ResultCode.METHOD_NOT_ALLOWED}
+        fallback = ResultCode.INVALID_PAYLOAD if exc.status_code < 500 else ResultCode.INTERNAL_ERROR
+        code = codes.get(exc.status_code, fallback)
         return _json(code, headers=dict(exc.headers or {}))
 
     @app.exception_handler(RequestValidationError)
@@ -169,13 +171,13 @@ def _install_error_handlers(app: FastAPI) -> None:
             {"field": ".".join(str(p) for p in error.get("loc", ())), "problem": "valor no válido"}
             for error in exc.errors()
         ]
-        return _json("invalid_payload", details=details)
+        return _json(ResultCode.INVALID_PAYLOAD, details=details)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.error("Error interno en %s %s", request.method, request.url.path, exc_info=exc)
         # This answer leaves through ServerErrorMiddleware, outside RequestIdMiddleware.
-        return _json("internal_error", headers={"X-Request-ID": request_id_var.get()})
+        return _json(ResultCode.INTERNAL_ERROR, headers={"X-Request-ID": request_id_var.get()})
 
 
 def _install_routes(app: FastAPI, runtime: Runtime, activity: Activity) -> None:
