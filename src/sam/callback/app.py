@@ -38,7 +38,7 @@ READY_PING_TIMEOUT = 5.0
 
 
 class RequestIdMiddleware:
-    """Gives every non-callback request an id, in the logs and in `X-Request-ID`."""
+    """Gives every HTTP request one id: in its log lines (a context variable) and in `X-Request-ID`."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -50,16 +50,45 @@ class RequestIdMiddleware:
             return
         request_id = request_id_from(dict(scope["headers"]).get(b"x-request-id"))
         request_id_var.set(request_id)
+        tag = (b"x-request-id", request_id.encode())
 
         async def tagged(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [
-                    *message.get("headers", []),
-                    (b"x-request-id", request_id.encode()),
-                ]
+                message["headers"] = [*message.get("headers", ()), tag]
             await send(message)
 
         await self.app(scope, receive, tagged)
+
+
+class CallbackDispatcher:
+    """The ASGI application: the callback path to its endpoint, everything else (lifespan too) to FastAPI.
+
+    The endpoint is not a FastAPI route: the framework's stack (error, telemetry and body-limit
+    middleware, routing) costs more per callback than the callback's own work. Middleware that
+    must see every request goes in `RequestIdMiddleware`'s place, around both.
+    """
+
+    def __init__(self, api: FastAPI, endpoint: CallbackEndpoint, *, path: str, runtime: Runtime) -> None:
+        self.api = api
+        self.endpoint = endpoint
+        self.path = path.rstrip("/")
+        self.runtime = runtime
+        # Starlette's application state, for whoever holds the app (tests read `state.runtime`).
+        self.state = api.state
+        self._http = RequestIdMiddleware(self._route)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Route one connection scope."""
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        else:
+            await self.api(scope, receive, send)
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["path"].rstrip("/") == self.path:
+            await self.endpoint(scope, receive, send)
+        else:
+            await self.api(scope, receive, send)
 
 
 def _json(
@@ -69,23 +98,7 @@ def _json(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-class CallbackApp(FastAPI):
-    """FastAPI behind the callback endpoint: the hot path never enters the framework's stack."""
-
-    def __init__(self, *, runtime: Runtime, activity: Activity, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        # In front of FastAPI itself, not in its middleware list: that stack (error, telemetry
-        # and body-limit middleware) costs more per callback than the callback's own work.
-        self.callback_endpoint = CallbackEndpoint(super().__call__, runtime=runtime, activity=activity)
-        # Read by protocols.py: uvicorn writes no access line for this path (the endpoint logs it).
-        self.callback_path = runtime.settings.endpoint_path.rstrip("/")
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Answer the callback path directly; everything else goes to FastAPI."""
-        await self.callback_endpoint(scope, receive, send)
-
-
-def create_app(settings: Settings, *, watch_credentials: bool = False) -> FastAPI:
+def create_app(settings: Settings, *, watch_credentials: bool = False) -> CallbackDispatcher:
     """Build the ASGI application; nothing is opened until the lifespan starts.
 
     Args:
@@ -122,9 +135,7 @@ def create_app(settings: Settings, *, watch_credentials: bool = False) -> FastAP
             await anyio.to_thread.run_sync(runtime.stop)
 
     docs = settings.docs_enabled
-    app = CallbackApp(
-        runtime=runtime,
-        activity=activity,
+    api = FastAPI(
         title="sam-callback",
         version=__version__,
         summary="Receptor de callbacks de Automation Anywhere A360 para SAM",
@@ -133,12 +144,12 @@ def create_app(settings: Settings, *, watch_credentials: bool = False) -> FastAP
         redoc_url=None,
         openapi_url="/openapi.json" if docs else None,
     )
-    app.state.runtime = runtime
-    app.add_middleware(RequestIdMiddleware)
-    _install_error_handlers(app)
-    _install_routes(app, runtime, activity)
-    install_openapi(app, settings)
-    return app
+    api.state.runtime = runtime
+    _install_error_handlers(api)
+    _install_routes(api, runtime, activity)
+    install_openapi(api, settings)
+    endpoint = CallbackEndpoint(runtime=runtime, activity=activity)
+    return CallbackDispatcher(api, endpoint, path=settings.endpoint_path, runtime=runtime)
 
 
 def _reload_on_sighup(runtime: Runtime) -> None:
@@ -176,8 +187,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.error("Error interno en %s %s", request.method, request.url.path, exc_info=exc)
-        # This answer leaves through ServerErrorMiddleware, outside RequestIdMiddleware.
-        return _json(ResultCode.INTERNAL_ERROR, headers={"X-Request-ID": request_id_var.get()})
+        # RequestIdMiddleware is in front of FastAPI's ServerErrorMiddleware: it tags this answer too.
+        return _json(ResultCode.INTERNAL_ERROR)
 
 
 def _install_routes(app: FastAPI, runtime: Runtime, activity: Activity) -> None:
@@ -276,7 +287,7 @@ def _no_db() -> None:
     raise RuntimeError("sin base de datos")
 
 
-def app_from_environment() -> FastAPI:
+def app_from_environment() -> CallbackDispatcher:
     """Factory for `uvicorn --factory` and worker processes: settings from the environment."""
     settings = load_settings()
     # In a worker process uvicorn logs before the lifespan starts ("Started server process");

@@ -9,14 +9,14 @@ import time
 from typing import TYPE_CHECKING
 
 import anyio.to_thread
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from .domain import AuthFailure, ResultCode, describe
 from .logs import log_fields, request_id_var
 from .payload import PayloadError, is_probe, parse_callback
 from .protocols import BODY_RECEIVED
 from .rejected import RejectedStoreError
-from .responses import request_id_from, send_envelope, send_recorded
+from .responses import send_envelope, send_recorded
 
 if TYPE_CHECKING:
     from .activity import Activity
@@ -34,25 +34,18 @@ class _BodyTooLarge(Exception):
 
 
 class CallbackEndpoint:
-    """ASGI middleware that answers the callback path itself and passes everything else on."""
+    """The ASGI app of the callback path, behind the request-id middleware that names each request."""
 
-    def __init__(self, app: ASGIApp, *, runtime: Runtime, activity: Activity) -> None:
-        self.app = app
+    def __init__(self, *, runtime: Runtime, activity: Activity) -> None:
         self.runtime = runtime
         self.activity = activity
-        self.path = runtime.settings.endpoint_path
-        self._path = self.path.rstrip("/")
         self.max_body = runtime.settings.max_body_bytes
         self.body_timeout = runtime.settings.body_timeout_seconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Dispatch by path."""
-        if scope["type"] != "http" or scope["path"].rstrip("/") != self._path:
-            await self.app(scope, receive, send)
-            return
+        """Answer one callback request."""
         headers = dict(scope["headers"])
-        request_id = request_id_from(headers.get(b"x-request-id"))
-        request_id_var.set(request_id)
+        request_id = request_id_var.get()
         started = time.perf_counter()
         peer = scope["client"][0] if scope.get("client") else "-"
         client = peer
