@@ -59,12 +59,13 @@ class Outcome(enum.Enum):
 
 
 class SpoolKind(enum.IntEnum):
-    """Why a callback waits in the spool; the lower value wins when a run has both kinds."""
+    """Why a callback waits in the spool, as a priority: a newcomer behind a run takes its lowest kind."""
 
-    # A newcomer for a run that has a queued callback must be queued too: it cannot be applied
-    # before the queued one, whose row may well exist.
-    QUEUED = 0
-    PENDING_MATCH = 1
+    # The run's row was missing at the last try: a newcomer for it waits for the row too, and
+    # its answer says so (the database is up, "queued" would blame it).
+    PENDING_MATCH = 0
+    # The database could not be reached (or refused): applied as soon as it answers.
+    QUEUED = 1
 
     @property
     def code(self) -> ResultCode:
