@@ -84,8 +84,10 @@ def test_an_old_spool_file_drains_into_the_database(make_settings: Callable[...,
     )
     with TestClient(create_app(settings)) as api:
         wait_for(
-            lambda: [(fetch_run(url, d) or {}).get("Estado") for d in ("antiguo-1", "antiguo-2")]
-            == ["RUN_COMPLETED", "RUN_FAILED"],
+            lambda: (
+                [(fetch_run(url, d) or {}).get("Estado") for d in ("antiguo-1", "antiguo-2")]
+                == ["RUN_COMPLETED", "RUN_FAILED"]
+            ),
             what="el spool antiguo aplicado",
         )
         ready = api.get("/ready").json()

@@ -123,7 +123,9 @@ class CallbackEndpoint:
         if unsupported:
             # Authenticated, so the body is kept: A360 will not send it again (SPEC 10).
             reason = f"tipo de contenido no admitido: {_text(content_type)}"
-            await self._keep_rejected(body, request_id, client, ResultCode.UNSUPPORTED_MEDIA_TYPE, reason, headers, None)
+            await self._keep_rejected(
+                body, request_id, client, ResultCode.UNSUPPORTED_MEDIA_TYPE, reason, headers, None
+            )
             await send_envelope(send, ResultCode.UNSUPPORTED_MEDIA_TYPE, request_id)
             return ResultCode.UNSUPPORTED_MEDIA_TYPE, None, None
         try:
@@ -135,7 +137,9 @@ class CallbackEndpoint:
                 exc.details,
             )
             reason = "; ".join(f"{detail['field']}: {detail['problem']}" for detail in exc.details)
-            await self._keep_rejected(body, request_id, client, ResultCode.INVALID_PAYLOAD, reason, headers, exc.deployment_id)
+            await self._keep_rejected(
+                body, request_id, client, ResultCode.INVALID_PAYLOAD, reason, headers, exc.deployment_id
+            )
             await send_envelope(send, ResultCode.INVALID_PAYLOAD, request_id, details=exc.details)
             return ResultCode.INVALID_PAYLOAD, exc.deployment_id, exc.status
         if is_probe(callback):
@@ -183,9 +187,7 @@ class CallbackEndpoint:
             seq=seq, client=client, reason=reason, deployment_id=deployment_id, request_id=request_id
         )
 
-    async def _refuse(
-        self, send: Send, request_id: str, client: str, reasons: tuple[AuthFailure, ...]
-    ) -> ResultCode:
+    async def _refuse(self, send: Send, request_id: str, client: str, reasons: tuple[AuthFailure, ...]) -> ResultCode:
         runtime = self.runtime
         # The first reason names the failure: in mode required a bad JWT comes before "token: ausente".
         runtime.metrics.auth_failures.labels(reasons[0].label if reasons else "other").inc()

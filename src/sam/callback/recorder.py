@@ -533,7 +533,9 @@ class Recorder:
                 missing += chain_missing
         return applied, missing, failed
 
-    def _apply_chains(self, chains: list[list[SpoolEntry]]) -> tuple[list[tuple[SpoolEntry, ResultCode]], list[SpoolEntry]]:
+    def _apply_chains(
+        self, chains: list[list[SpoolEntry]]
+    ) -> tuple[list[tuple[SpoolEntry, ResultCode]], list[SpoolEntry]]:
         entries = [entry for chain in chains for entry in chain]
         # Each run ends when its callback arrived, not now: the wait is subtracted from the
         # database's clock in the statement itself.

@@ -98,7 +98,9 @@ if hasattr(os, "register_at_fork"):  # a forked child must not repeat its parent
     os.register_at_fork(after_in_child=_reset_request_ids)
 
 
-def envelope(code: ResultCode, request_id: str, *, message: str | None = None, **extra: Any) -> tuple[int, dict[str, Any]]:
+def envelope(
+    code: ResultCode, request_id: str, *, message: str | None = None, **extra: Any
+) -> tuple[int, dict[str, Any]]:
     """HTTP status and body for `code`."""
     http_status, status, default_message = ANSWERS[code]
     body: dict[str, Any] = {
