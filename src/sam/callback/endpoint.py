@@ -12,7 +12,7 @@ import anyio.to_thread
 from starlette.types import Receive, Scope, Send
 
 from .domain import AuthFailure, ResultCode, describe
-from .logs import log_fields, request_id_var
+from .logs import log_fields
 from .payload import PayloadError, is_probe, parse_callback
 from .protocols import BODY_RECEIVED
 from .rejected import RejectedStoreError
@@ -34,7 +34,7 @@ class _BodyTooLarge(Exception):
 
 
 class CallbackEndpoint:
-    """The ASGI app of the callback path, behind the request-id middleware that names each request."""
+    """The callback path's handler, called by the dispatcher (app.py) with the request's id."""
 
     def __init__(self, *, runtime: Runtime, activity: Activity) -> None:
         self.runtime = runtime
@@ -42,10 +42,9 @@ class CallbackEndpoint:
         self.max_body = runtime.settings.max_body_bytes
         self.body_timeout = runtime.settings.body_timeout_seconds
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Answer one callback request."""
+    async def __call__(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
+        """Answer one callback request, named `request_id` by the dispatcher."""
         headers = dict(scope["headers"])
-        request_id = request_id_var.get()
         started = time.perf_counter()
         peer = scope["client"][0] if scope.get("client") else "-"
         client = peer

@@ -137,9 +137,9 @@ async def send_envelope(
     message: str | None = None,
     **extra: Any,
 ) -> int:
-    """Send a complete JSON answer on a raw ASGI channel (X-Request-ID is the middleware's); return its HTTP status."""
+    """Send a complete JSON answer on a raw ASGI channel; return its HTTP status."""
     http_status, body = envelope(code, request_id, message=message, **extra)
-    return await _send_json(send, http_status, _encode(body).encode("utf-8"), headers)
+    return await _send_json(send, http_status, _encode(body).encode("utf-8"), request_id, headers)
 
 
 async def send_recorded(send: Send, code: ResultCode, request_id: str, deployment_id: str) -> int:
@@ -149,11 +149,12 @@ async def send_recorded(send: Send, code: ResultCode, request_id: str, deploymen
         return await send_envelope(send, code, request_id, deploymentId=deployment_id, result=code.value)
     http_status, head, tail = template
     text = f'{head}{_encode(request_id)}, "deploymentId": {_encode(deployment_id)}{tail}'
-    return await _send_json(send, http_status, text.encode("utf-8"), ())
+    return await _send_json(send, http_status, text.encode("utf-8"), request_id, ())
 
 
-async def _send_json(send: Send, http_status: int, payload: bytes, headers: Iterable[tuple[bytes, bytes]]) -> int:
-    # X-Request-ID is added by the request-id middleware in front of every path.
+async def _send_json(
+    send: Send, http_status: int, payload: bytes, request_id: str, headers: Iterable[tuple[bytes, bytes]]
+) -> int:
     await send(
         {
             "type": "http.response.start",
@@ -161,6 +162,7 @@ async def _send_json(send: Send, http_status: int, payload: bytes, headers: Iter
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(payload)).encode()),
+                (b"x-request-id", request_id.encode()),
                 *headers,
             ],
         }
