@@ -128,14 +128,3 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
         if server.process is not None and server.process.poll() is None:
             server.process.kill()
             server.process.wait(10)
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    """The coverage floor (pyproject's fail_under) judges the whole suite, not a run of some files or markers."""
-    option = config.option
-    whole_suite = config.args_source is pytest.Config.ArgsSource.TESTPATHS and not (
-        option.keyword or option.markexpr or getattr(option, "lf", False)
-    )
-    coverage = config.pluginmanager.getplugin("_cov")  # pytest-cov
-    if not whole_suite and coverage is not None:
-        coverage.options.cov_fail_under = 0

@@ -25,7 +25,7 @@ from sam.callback.alerts import Alerts
 from sam.callback.app import create_app
 from sam.callback.settings import Settings
 from tests.faults_support import TcpProxy
-from tests.utils import TOKEN, Keys, auth_headers, free_port, insert_run, run_cli, wait_for
+from tests.utils import TOKEN, Keys, auth_headers, free_port, insert_run, isolated_env, run_cli, wait_for
 
 MAIL_USER = "alertas-sam"
 MAIL_PASSWORD = "clave-de-correo-7f3e9a2b"
@@ -562,3 +562,18 @@ def test_without_a_mail_server_alerts_are_error_lines_once_per_interval(
     assert "Callback rechazado por su contenido" in lines[1].getMessage() and "dep-c" in lines[1].getMessage()
     # dep-b was held by the interval, then logged at stop with the count.
     assert len(lines) == 3 and "dep-b" in lines[2].getMessage()
+
+
+def test_check_says_where_alerts_go(tmp_path: Path) -> None:
+    """`check` tells whether alerts reach a mailbox or only the log."""
+    env = isolated_env(tmp_path) | {"CALLBACK_TOKEN": TOKEN}
+    alone = run_cli(tmp_path, "check", **env)
+    assert "[AVISO] EMAIL_SMTP_HOST sin configurar" in alone.stdout
+    mail = env | {
+        "EMAIL_SMTP_HOST": "smtp.ejemplo.test",
+        "EMAIL_SMTP_PUERTO": "25",
+        "EMAIL_REMITENTE": "sam@ejemplo.test",
+        "EMAIL_DESTINATARIOS": "uno@ejemplo.test;dos@ejemplo.test",
+    }
+    configured = run_cli(tmp_path, "check", **mail)
+    assert "[OK]    Alertas por correo a 2 destinatario(s) por smtp.ejemplo.test:25" in configured.stdout

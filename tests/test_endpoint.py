@@ -48,11 +48,12 @@ def test_running_run_is_updated_with_raw_body_and_final_times(api: TestClient, d
     assert row["FechaFin"] is not None and row["FechaActualizacion"] is not None and row["FechaInicioReal"] is not None
 
 
-def test_non_final_status_leaves_fecha_fin_alone(api: TestClient, db_url: str) -> None:
+def test_a_non_final_status_also_ends_the_run(api: TestClient, db_url: str) -> None:
+    """SAM's reconciler skips every row whose CallbackInfo is set: the callback must end the run."""
     insert_run(db_url, "dep-2", "DEPLOYED")
     assert post(api, {"deploymentId": "dep-2", "status": "RUNNING"}).json()["code"] == "updated"
     row = fetch_run(db_url, "dep-2")
-    assert row is not None and row["Estado"] == "RUNNING" and row["FechaFin"] is None
+    assert row is not None and row["Estado"] == "RUNNING" and row["FechaFin"] is not None
 
 
 @pytest.mark.parametrize("guess", ["COMPLETED_INFERRED", "UNKNOWN"])

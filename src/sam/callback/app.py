@@ -144,7 +144,8 @@ def create_app(settings: Settings, *, watch_credentials: bool = False) -> Callba
 
 def _reload_on_sighup(runtime: Runtime) -> None:
     # POSIX only: Windows has no SIGHUP, and polling notices the change within seconds there.
-    if not hasattr(signal, "SIGHUP"):
+    hangup = getattr(signal, "SIGHUP", None)
+    if hangup is None:
         return
     loop = asyncio.get_running_loop()
     reloader = runtime.reloader
@@ -155,7 +156,7 @@ def _reload_on_sighup(runtime: Runtime) -> None:
         loop.run_in_executor(None, functools.partial(reloader.check, force=True))
 
     with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-        loop.add_signal_handler(signal.SIGHUP, reload_now)
+        loop.add_signal_handler(hangup, reload_now)
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -35,6 +35,25 @@ def _length(column_type: Any) -> int | None:
     return length if isinstance(length, int) and length > 0 else None
 
 
+def _mail_lines(settings: Settings) -> None:
+    # Alerts are how an operator hears that callbacks are being lost (SPEC 9): say where they go.
+    if not settings.email_smtp_host:
+        _line(None, "EMAIL_SMTP_HOST sin configurar: las alertas solo se escriben en el log (nivel ERROR)")
+    elif not settings.email_from or not settings.email_recipient_list:
+        _line(
+            None,
+            "EMAIL_REMITENTE y EMAIL_DESTINATARIOS son necesarios para enviar alertas: "
+            "sin ellos las alertas solo se escriben en el log",
+        )
+    else:
+        recipients = len(settings.email_recipient_list)
+        _line(
+            True,
+            f"Alertas por correo a {recipients} destinatario(s) por {settings.email_smtp_host}:"
+            f"{settings.email_smtp_port}; pruébelo con `sam-callback test-mail`",
+        )
+
+
 def column_problems(columns: Iterable[Mapping[str, Any]], *, enforces_lengths: bool = True) -> list[str]:
     """What keeps the service's UPDATE from working, from reflected `Ejecuciones` columns (one line each).
 
@@ -90,6 +109,7 @@ def run_checks(settings: Settings) -> int:
         if len(token) < MIN_TOKEN_LENGTH:
             name = "CALLBACK_TOKEN" if index == 0 and settings.token else f"CALLBACK_TOKENS_ANTERIORES n.º {index}"
             _line(None, f"{name} tiene {len(token)} caracteres; se recomiendan al menos {MIN_TOKEN_LENGTH}")
+    _mail_lines(settings)
     url = settings.resolved_database_url()
     unusable = driver_problem(url)
     if unusable is not None:
