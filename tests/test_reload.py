@@ -172,3 +172,39 @@ def test_every_worker_takes_the_new_token(tmp_path: Path, make_server: Callable[
 
     wait_for(all_accept, timeout=20, what="los dos procesos aceptan el token nuevo")
     assert all(_post(server, f"dep-o-{n}", _token(OLD)) == 401 for n in range(10))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows no tiene SIGHUP")
+def test_sighup_to_the_parent_reloads_every_worker_without_restarting_them(
+    tmp_path: Path, make_server: Callable[..., ServerProcess]
+) -> None:
+    server = make_server(f"CALLBACK_TOKEN={OLD}\n", CALLBACK_SERVER_WORKERS="2").start()
+    wait_for(lambda: _log(tmp_path).count("Application startup complete") == 2, timeout=60, what="dos workers")
+    dotenv = tmp_path / ".env"
+    before = dotenv.stat()
+    same_size = OLD[:-4] + "7777"
+    # Same size and modification time: polling cannot see it, only the signal can.
+    dotenv.write_text(f"CALLBACK_TOKEN={same_size}\n", encoding="utf-8")
+    os.utime(dotenv, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert server.process is not None
+    server.process.send_signal(signal.SIGHUP)
+
+    def all_accept() -> bool:
+        return all(_post(server, f"dep-hup-{n}", _token(same_size)) == 202 for n in range(20))
+
+    wait_for(all_accept, timeout=20, what="los dos procesos aceptan el token nuevo tras SIGHUP")
+    log = _log(tmp_path)
+    assert "los procesos releen las credenciales" in log
+    assert "restarting processes" not in log
+    assert log.count("Application startup complete") == 2  # no worker was replaced
+
+
+def test_the_supervisor_names_the_reload_relies_on_still_exist() -> None:
+    """uvicorn's supervisor: handle_hup, processes and Process.pid (re-sync server.py if this fails)."""
+    from uvicorn.supervisors.multiprocess import Multiprocess, Process
+
+    assert callable(getattr(Multiprocess, "handle_hup", None)), "re-sync server.py: Multiprocess.handle_hup moved"
+    assert isinstance(getattr(Process, "pid", None), property), "re-sync server.py: Process.pid moved"
+    assert "self.processes" in __import__("inspect").getsource(Multiprocess.__init__), (
+        "re-sync server.py: Multiprocess.processes moved"
+    )
