@@ -11,7 +11,8 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from sam.callback.app import create_app
-from sam.callback.repository import Callback, Outcome, Repository, make_engine
+from sam.callback.domain import Callback, Outcome
+from sam.callback.repository import Repository, make_engine
 from sam.callback.settings import DEFAULT_FINAL_STATES, Settings
 from tests.faults_support import TcpProxy, callback_body
 from tests.utils import auth_headers, fetch_run, insert_run, wait_for

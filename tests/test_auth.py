@@ -186,3 +186,28 @@ def test_unusable_key_with_a_token_in_optional_mode_is_a_warning(
         assert call(api, Authorization=bearer(keys.token()), **{"X-Authorization": TOKEN}) == ACCEPTED
     log_text = settings.log_file.read_text(encoding="utf-8")
     assert "WARNING" in log_text and "JWT_CLAVE_PUBLICA" in log_text
+
+
+def test_each_refusal_is_counted_under_its_own_reason(
+    make_settings: Callable[..., Settings], keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The gateway's client id as operators set it, in the environment.
+    monkeypatch.setenv("API_GATEWAY_CLIENT_ID", "cliente-metricas")
+    settings = make_settings(jwt_public_key=keys.public_pem, token=None, auth_failures_limit=0)
+    good = {"x-ibm-client-id": "cliente-metricas"}
+    with TestClient(create_app(settings)) as api:
+        assert call(api, Authorization=bearer(keys.token()), **good) == ACCEPTED
+        assert call(api, Authorization=bearer(keys.token())) == 401
+        assert call(api, Authorization=bearer(keys.token()), **{"x-ibm-client-id": "otro-cliente"}) == 401
+        assert call(api, Authorization=bearer(keys.token(client_id="otro-cliente")), **good) == 401
+        assert call(api, Authorization=bearer(keys.token(expires_in=-3600)), **good) == 401
+        assert call(api) == 401
+        assert call(api, Authorization=bearer(keys.token(headers={"jku": "https://evil.example/k"})), **good) == 401
+        metrics = api.get("/metrics").text
+    counted = {
+        line.split('reason="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("sam_callback_auth_failures_total{")
+    }
+    # A wrong or missing x-ibm-client-id is the gateway's client id, not missing credentials.
+    assert counted == {"client_id": 3, "jwt_expired": 1, "missing_credentials": 1, "key_choosing_header": 1}

@@ -145,7 +145,7 @@ def run(settings: Settings, scenario: Scenario) -> None:
     app = create_app(settings)
 
     async def main() -> None:
-        async with app.router.lifespan_context(app):
+        async with app.api.router.lifespan_context(app.api):
             loop = FakeLoop()
             protocol, transport = connect(app, settings, loop)
             await scenario(protocol, transport, loop)

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from sam.callback.domain import Callback, Outcome
 from sam.callback.recorder import Recorder, RecorderEvents
-from sam.callback.repository import Callback, Outcome, Repository, make_engine
+from sam.callback.repository import Repository, make_engine
 from sam.callback.spool import Spool
 from tests.utils import insert_run, wait_for
 

@@ -16,8 +16,9 @@ from sqlalchemy.dialects import mssql
 
 from sam.callback.app import create_app
 from sam.callback.checks import column_problems
+from sam.callback.domain import Callback
 from sam.callback.recorder import Recorder
-from sam.callback.repository import Callback, Failure, Repository, classify_error, make_engine
+from sam.callback.repository import Failure, Repository, classify_error, make_engine
 from sam.callback.settings import DEFAULT_FINAL_STATES, Settings
 from sam.callback.spool import Spool
 from tests.faults_support import callback_body, ready

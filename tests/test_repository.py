@@ -11,7 +11,8 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.dialects.mssql import pyodbc as mssql_pyodbc
 from sqlalchemy.dialects.postgresql import psycopg as pg_psycopg
 
-from sam.callback.repository import Callback, Outcome, Repository, compile_statements, make_engine, mssql_ddl
+from sam.callback.domain import Callback, Outcome
+from sam.callback.repository import Repository, compile_statements, make_engine, mssql_ddl
 from sam.callback.settings import DEFAULT_FINAL_STATES
 from tests.utils import fetch_run, insert_run
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from sam.callback.domain import RECORDED_CODES, ResultCode
 from sam.callback.responses import envelope, request_id_from, send_envelope, send_recorded
 
 
@@ -22,9 +23,9 @@ def _sent(coroutine_factory: Any) -> list[dict[str, Any]]:
     return messages
 
 
-@pytest.mark.parametrize("code", ["updated", "already_processed", "pending_match", "queued", "probe"])
+@pytest.mark.parametrize("code", RECORDED_CODES)
 @pytest.mark.parametrize("deployment_id", ["dep-1", 'comillas "y" \\ barras', "ñandú \u2028 😀", "a" * 100])
-def test_recorded_answer_is_byte_for_byte_the_envelope(code: str, deployment_id: str) -> None:
+def test_recorded_answer_is_byte_for_byte_the_envelope(code: ResultCode, deployment_id: str) -> None:
     fast = _sent(lambda send: send_recorded(send, code, "req-1", deployment_id))
     general = _sent(lambda send: send_envelope(send, code, "req-1", deploymentId=deployment_id, result=code))
     assert fast == general

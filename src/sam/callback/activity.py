@@ -12,8 +12,11 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
+
+from .domain import AuthFailure, describe
 
 log = logging.getLogger("sam.callback.panel")
 
@@ -65,9 +68,15 @@ class Activity:
         """Note one answered callback (called on the hot path: one append)."""
         self.callbacks.append((time.time(), next(self._seq), deployment_id, status, result, client, request_id))
 
-    def refused(self, client: str, reason: str) -> None:
-        """Note one refused request; `reason` is the authenticator's text, never a credential."""
-        self.refused_events.append((time.time(), client, reason))
+    def refused(self, client: str, status: int, reasons: tuple[AuthFailure, ...]) -> None:
+        """Note one refused request (401, 403 or 429) with its reasons, never a credential."""
+        # Kept as text: other processes read it from the published file.
+        text = describe(reasons)
+        if status == HTTPStatus.TOO_MANY_REQUESTS:
+            text = f"limitado (429): {text}"
+        elif status == HTTPStatus.FORBIDDEN:
+            text = f"{text} (403)"
+        self.refused_events.append((time.time(), client, text))
 
     def note_database(self, up: bool, now: float | None = None) -> None:
         """Record what was seen of the database; the time is kept when the state changes."""

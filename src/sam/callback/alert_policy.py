@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .alert_texts import AlertKind, DatabaseBack, DatabaseDown, Occurrence, Refusal, RefusedCallbacks
+from .domain import AuthFailure, describe
 
 AUTH_WINDOW_SECONDS = 600.0
 # Occurrences listed in one mail (the most recent); the rest are only counted.
@@ -30,30 +31,30 @@ class _RefusalTally:
 
     def __init__(self) -> None:
         self.total = 0
-        self.counts: dict[tuple[str, int, str], int] = {}
+        self.counts: dict[tuple[str, int, tuple[AuthFailure, ...]], int] = {}
         self.others = 0
 
     def add(self, refusal: Refusal, count: int = 1) -> None:
         self.total += count
-        key = (refusal.client, refusal.status, "; ".join(refusal.reasons) or "sin motivo")
+        key = (refusal.client, refusal.status, refusal.reasons)
         if key in self.counts or len(self.counts) < _SOURCES:
             self.counts[key] = self.counts.get(key, 0) + count
         else:
             self.others += count
 
     def absorb(self, other: _RefusalTally) -> None:
-        for (client, status, reason), count in other.counts.items():
-            self.add(Refusal(client, status, (reason,)), count)
+        for (client, status, reasons), count in other.counts.items():
+            self.add(Refusal(client, status, reasons), count)
         self.others += other.others
         self.total += other.others
 
     def summary(self) -> RefusedCallbacks:
-        ranked = sorted(self.counts.items(), key=lambda item: (-item[1], item[0]))
+        ranked = sorted(self.counts.items(), key=lambda item: (-item[1], item[0][:2], describe(item[0][2])))
         listed = ranked[:_LISTED]
         others = self.others + sum(count for _, count in ranked[_LISTED:])
         return RefusedCallbacks(
             total=self.total,
-            sources=tuple((client, status, reason, count) for (client, status, reason), count in listed),
+            sources=tuple((client, status, describe(reasons), count) for (client, status, reasons), count in listed),
             others=others,
         )
 

@@ -7,6 +7,8 @@ from datetime import datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol
 
+from .domain import AuthFailure, describe
+
 if TYPE_CHECKING:
     from .alert_policy import Alert
 
@@ -42,11 +44,11 @@ class Refusal:
 
     client: str
     status: int
-    reasons: tuple[str, ...]
+    reasons: tuple[AuthFailure, ...]
 
     def lines(self) -> list[str]:
         """One line."""
-        return [f"{self.status} desde {self.client}: {'; '.join(self.reasons) or 'sin motivo'}"]
+        return [f"{self.status} desde {self.client}: {describe(self.reasons)}"]
 
 
 @dataclass(frozen=True, slots=True)

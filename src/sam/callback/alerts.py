@@ -13,6 +13,7 @@ from functools import partial
 
 from .alert_policy import Alert, AlertPolicy
 from .alert_texts import AlertKind, Occurrence, Refusal, RefusedForGood, Rejected, Unavailable, Unmatched, render
+from .domain import AuthFailure
 from .logs import RedactingFilter
 from .mail import SMTP_TIMEOUT_SECONDS, MailConfig, MailError, compose, send
 from .settings import Settings
@@ -62,7 +63,7 @@ class Alerts:
 
     # --- what the request path and the writer call: enqueue only ------------------------------
 
-    def refused(self, client: str, status: int, reasons: tuple[str, ...]) -> None:
+    def refused(self, client: str, status: int, reasons: tuple[AuthFailure, ...]) -> None:
         """A callback refused with 401, 403 or 429 (reasons as logged, never the credential)."""
         if self.policy.auth_failures > 0:
             self._put(partial(self.policy.refusal, Refusal(client, status, reasons)))

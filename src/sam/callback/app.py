@@ -19,10 +19,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from . import __version__
 from .activity import Activity
+from .domain import ResultCode
 from .endpoint import CallbackEndpoint
 from .logs import request_id_var
 from .openapi import install_openapi
@@ -36,55 +37,58 @@ log = logging.getLogger("sam.callback")
 READY_PING_TIMEOUT = 5.0
 
 
-class RequestIdMiddleware:
-    """Gives every non-callback request an id, in the logs and in `X-Request-ID`."""
+def _tagging(send: Send, request_id: str) -> Send:
+    """`send` that adds `X-Request-ID` to the response's headers."""
+    tag = (b"x-request-id", request_id.encode())
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    async def tagged(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), tag]
+        await send(message)
+
+    return tagged
+
+
+class CallbackDispatcher:
+    """The ASGI application: the callback path to its endpoint, everything else (lifespan too) to FastAPI.
+
+    The endpoint is not a FastAPI route: the framework's stack (error, telemetry and body-limit
+    middleware, routing) costs more per callback than the callback's own work. What every request
+    needs is done here, in front of both: today its id, in the log lines and in `X-Request-ID`.
+    """
+
+    def __init__(self, api: FastAPI, endpoint: CallbackEndpoint, *, path: str, runtime: Runtime) -> None:
+        self.api = api
+        self.endpoint = endpoint
+        self.path = path.rstrip("/")
+        self.runtime = runtime
+        # Starlette's application state, for whoever holds the app (tests read `state.runtime`).
+        self.state = api.state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Set the id, then tag the response with it."""
+        """Name an HTTP request, then route it; other scopes (lifespan) go to FastAPI."""
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
+            await self.api(scope, receive, send)
             return
         request_id = request_id_from(dict(scope["headers"]).get(b"x-request-id"))
         request_id_var.set(request_id)
-
-        async def tagged(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [
-                    *message.get("headers", []),
-                    (b"x-request-id", request_id.encode()),
-                ]
-            await send(message)
-
-        await self.app(scope, receive, tagged)
+        if scope["path"].rstrip("/") == self.path:
+            # The endpoint writes its answers' headers itself, X-Request-ID among them: a send
+            # wrapper on the hot path would cost more than the header does.
+            await self.endpoint(scope, receive, send, request_id)
+        else:
+            # Outside FastAPI's ServerErrorMiddleware, so its 500 answers are tagged too.
+            await self.api(scope, receive, _tagging(send, request_id))
 
 
 def _json(
-    code: str, *, headers: dict[str, str] | None = None, message: str | None = None, **extra: Any
+    code: ResultCode, *, headers: dict[str, str] | None = None, message: str | None = None, **extra: Any
 ) -> JSONResponse:
     status, body = envelope(code, request_id_var.get(), message=message, **extra)
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-class CallbackApp(FastAPI):
-    """FastAPI behind the callback endpoint: the hot path never enters the framework's stack."""
-
-    def __init__(self, *, runtime: Runtime, activity: Activity, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        # In front of FastAPI itself, not in its middleware list: that stack (error, telemetry
-        # and body-limit middleware) costs more per callback than the callback's own work.
-        self.callback_endpoint = CallbackEndpoint(super().__call__, runtime=runtime, activity=activity)
-        # Read by protocols.py: uvicorn writes no access line for this path (the endpoint logs it).
-        self.callback_path = runtime.settings.endpoint_path.rstrip("/")
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Answer the callback path directly; everything else goes to FastAPI."""
-        await self.callback_endpoint(scope, receive, send)
-
-
-def create_app(settings: Settings, *, watch_credentials: bool = False) -> FastAPI:
+def create_app(settings: Settings, *, watch_credentials: bool = False) -> CallbackDispatcher:
     """Build the ASGI application; nothing is opened until the lifespan starts.
 
     Args:
@@ -121,9 +125,7 @@ def create_app(settings: Settings, *, watch_credentials: bool = False) -> FastAP
             await anyio.to_thread.run_sync(runtime.stop)
 
     docs = settings.docs_enabled
-    app = CallbackApp(
-        runtime=runtime,
-        activity=activity,
+    api = FastAPI(
         title="sam-callback",
         version=__version__,
         summary="Receptor de callbacks de Automation Anywhere A360 para SAM",
@@ -132,12 +134,12 @@ def create_app(settings: Settings, *, watch_credentials: bool = False) -> FastAP
         redoc_url=None,
         openapi_url="/openapi.json" if docs else None,
     )
-    app.state.runtime = runtime
-    app.add_middleware(RequestIdMiddleware)
-    _install_error_handlers(app)
-    _install_routes(app, runtime, activity)
-    install_openapi(app, settings)
-    return app
+    api.state.runtime = runtime
+    _install_error_handlers(api)
+    _install_routes(api, runtime, activity)
+    install_openapi(api, settings)
+    endpoint = CallbackEndpoint(runtime=runtime, activity=activity)
+    return CallbackDispatcher(api, endpoint, path=settings.endpoint_path, runtime=runtime)
 
 
 def _reload_on_sighup(runtime: Runtime) -> None:
@@ -160,8 +162,9 @@ def _reload_on_sighup(runtime: Runtime) -> None:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed"}
-        code = codes.get(exc.status_code, "invalid_payload" if exc.status_code < 500 else "internal_error")
+        codes = {404: ResultCode.NOT_FOUND, 405: ResultCode.METHOD_NOT_ALLOWED}
+        fallback = ResultCode.INVALID_PAYLOAD if exc.status_code < 500 else ResultCode.INTERNAL_ERROR
+        code = codes.get(exc.status_code, fallback)
         return _json(code, headers=dict(exc.headers or {}))
 
     @app.exception_handler(RequestValidationError)
@@ -170,13 +173,13 @@ def _install_error_handlers(app: FastAPI) -> None:
             {"field": ".".join(str(p) for p in error.get("loc", ())), "problem": "valor no válido"}
             for error in exc.errors()
         ]
-        return _json("invalid_payload", details=details)
+        return _json(ResultCode.INVALID_PAYLOAD, details=details)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.error("Error interno en %s %s", request.method, request.url.path, exc_info=exc)
-        # This answer leaves through ServerErrorMiddleware, outside RequestIdMiddleware.
-        return _json("internal_error", headers={"X-Request-ID": request_id_var.get()})
+        # The dispatcher tags this answer too: it is in front of FastAPI's ServerErrorMiddleware.
+        return _json(ResultCode.INTERNAL_ERROR)
 
 
 def _install_routes(app: FastAPI, runtime: Runtime, activity: Activity) -> None:
@@ -275,7 +278,7 @@ def _no_db() -> None:
     raise RuntimeError("sin base de datos")
 
 
-def app_from_environment() -> FastAPI:
+def app_from_environment() -> CallbackDispatcher:
     """Factory for `uvicorn --factory` and worker processes: settings from the environment."""
     settings = load_settings()
     # In a worker process uvicorn logs before the lifespan starts ("Started server process");

@@ -15,6 +15,7 @@ import jwt
 from jwt import PyJWK, PyJWKSet
 from jwt.algorithms import get_default_algorithms
 
+from .domain import AuthFailure
 from .settings import ConfigError, Settings
 
 log = logging.getLogger("sam.callback.auth")
@@ -28,10 +29,10 @@ _KEY_CHOOSING_HEADERS = frozenset({"jku", "x5u", "jwk", "x5c"})
 
 @dataclass(frozen=True, slots=True)
 class AuthResult:
-    """The verdict on one request; `reasons` are for the log only, never for the client."""
+    """The verdict on one request; `reasons` are for the log and metrics only, never for the client."""
 
     ok: bool
-    reasons: tuple[str, ...] = ()
+    reasons: tuple[AuthFailure, ...] = ()
 
 
 _ACCEPTED = AuthResult(ok=True)
@@ -48,34 +49,34 @@ class JwtVerifier:
         self.client_id = settings.api_gateway_client_id
         self.keys = _load_keys(settings.jwt_public_key or "", self.algorithms)
 
-    def verify(self, token: str, client_id_header: str | None) -> str | None:
+    def verify(self, token: str, client_id_header: str | None) -> AuthFailure | None:
         """Return None when the token is valid, else the reason it is not."""
         if len(token) > _MAX_TOKEN_LENGTH:
-            return "token demasiado largo"
+            return AuthFailure.JWT_TOO_LONG
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
-            return "token mal formado"
+            return AuthFailure.JWT_MALFORMED
         if _KEY_CHOOSING_HEADERS & header.keys():
-            return "cabecera del token intenta elegir la clave"
+            return AuthFailure.KEY_CHOOSING_HEADER
         if header.get("alg") not in self.algorithms:
-            return "algoritmo no permitido"
+            return AuthFailure.JWT_ALGORITHM
         kid = header.get("kid")
         candidates = [key for key_id, key in self.keys if kid is None or key_id in (None, kid)]
         if not candidates:
-            return "kid desconocido"
-        reason = "firma no válida"
+            return AuthFailure.UNKNOWN_KID
+        reason = AuthFailure.JWT_SIGNATURE
         for key in candidates:
             reason_or_claims = self._decode(token, key)
-            if isinstance(reason_or_claims, str):
+            if isinstance(reason_or_claims, AuthFailure):
                 reason = reason_or_claims
-                if reason != "firma no válida":
+                if reason is not AuthFailure.JWT_SIGNATURE:
                     break
                 continue
             return self._check_client_id(reason_or_claims, client_id_header)
         return reason
 
-    def _decode(self, token: str, key: Any) -> dict[str, Any] | str:
+    def _decode(self, token: str, key: Any) -> dict[str, Any] | AuthFailure:
         try:
             return jwt.decode(
                 token,
@@ -87,33 +88,40 @@ class JwtVerifier:
                 options={"require": ["exp"], "verify_aud": self.audience is not None},
             )
         except jwt.ExpiredSignatureError:
-            return "token caducado"
+            return AuthFailure.JWT_EXPIRED
         except jwt.ImmatureSignatureError:
-            return "token aún no válido (nbf/iat en el futuro)"
+            return AuthFailure.JWT_NOT_YET_VALID
         except jwt.InvalidAudienceError:
-            return "audiencia (aud) incorrecta"
+            return AuthFailure.JWT_AUDIENCE
         except jwt.InvalidIssuerError:
-            return "emisor (iss) incorrecto"
+            return AuthFailure.JWT_ISSUER
         except jwt.MissingRequiredClaimError as exc:
-            return f"falta el claim {exc.claim}"
+            return _MISSING_CLAIMS.get(exc.claim, AuthFailure.JWT_MISSING_CLAIM)
         except jwt.InvalidSignatureError:
-            return "firma no válida"
+            return AuthFailure.JWT_SIGNATURE
         except jwt.PyJWTError:
-            return "token no válido"
+            return AuthFailure.JWT_INVALID
         except Exception:
             # A key/algorithm mismatch or a malformed part surfaces as a plain error from the
             # crypto layer: it is still only an invalid token.
-            return "token no válido"
+            return AuthFailure.JWT_INVALID
 
-    def _check_client_id(self, claims: dict[str, Any], header: str | None) -> str | None:
+    def _check_client_id(self, claims: dict[str, Any], header: str | None) -> AuthFailure | None:
         if self.client_id is None:
             return None
         if header is None or not hmac.compare_digest(header.encode(), self.client_id.encode()):
-            return "x-ibm-client-id ausente o incorrecto"
+            return AuthFailure.CLIENT_ID_HEADER
         claim = claims.get("client_id")
         if claim is not None and not hmac.compare_digest(str(claim).encode(), self.client_id.encode()):
-            return "claim client_id incorrecto"
+            return AuthFailure.CLIENT_ID_CLAIM
         return None
+
+
+_MISSING_CLAIMS = {
+    "exp": AuthFailure.JWT_MISSING_EXP,
+    "aud": AuthFailure.JWT_MISSING_AUD,
+    "iss": AuthFailure.JWT_MISSING_ISS,
+}
 
 
 def _load_keys(value: str, algorithms: list[str]) -> list[tuple[str | None, Any]]:
@@ -188,38 +196,41 @@ class Authenticator:
             reason = self._check_token(static_token)
             if reason is None:
                 return _ACCEPTED
-        results: dict[str, str | None] = {}
+        results: dict[str, AuthFailure | None] = {}
         if static_token is not None:
             results["token"] = self._check_token(static_token)
         if authorization is not None:
             results["jwt"] = self._check_bearer(authorization, client_id)
-        reasons = tuple(f"{kind}: {reason}" for kind, reason in results.items() if reason is not None)
+        reasons = tuple(reason for reason in results.values() if reason is not None)
         if self.mode == "required":
             needed = (["token"] if self.tokens else []) + (["jwt"] if self.jwt else [])
-            missing = tuple(f"{kind}: ausente" for kind in needed if kind not in results)
+            missing = tuple(_ABSENT[kind] for kind in needed if kind not in results)
             ok = not missing and all(results[kind] is None for kind in needed)
             return AuthResult(ok=ok, reasons=reasons + missing)
         if not results:
-            return AuthResult(ok=False, reasons=("sin credenciales",))
+            return AuthResult(ok=False, reasons=(AuthFailure.MISSING_CREDENTIALS,))
         return AuthResult(ok=any(reason is None for reason in results.values()), reasons=reasons)
 
-    def _check_token(self, presented: str) -> str | None:
+    def _check_token(self, presented: str) -> AuthFailure | None:
         if not self.tokens:
-            return "token estático no configurado"
+            return AuthFailure.TOKEN_UNCONFIGURED
         candidate = presented.strip().encode()
         # Compare against every configured token so timing does not reveal which one matched.
         matched = False
         for token in self.tokens:
             matched |= hmac.compare_digest(candidate, token)
-        return None if matched else "token estático incorrecto"
+        return None if matched else AuthFailure.TOKEN_INVALID
 
-    def _check_bearer(self, authorization: str, client_id: str | None) -> str | None:
+    def _check_bearer(self, authorization: str, client_id: str | None) -> AuthFailure | None:
         scheme, _, token = authorization.strip().partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            return "cabecera Authorization sin esquema Bearer"
+            return AuthFailure.BEARER_SCHEME
         if self.jwt is None:
-            return "JWT no configurado o clave JWT inutilizable (JWT_CLAVE_PUBLICA)"
+            return AuthFailure.JWT_UNCONFIGURED
         return self.jwt.verify(token.strip(), client_id)
+
+
+_ABSENT = {"token": AuthFailure.TOKEN_MISSING, "jwt": AuthFailure.JWT_MISSING}
 
 
 class FailureThrottle:

@@ -9,11 +9,15 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .payload import PROBE_PREFIX
 from .sending import SendAs, SendError, build_request, post_callback
 from .settings import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from .spool import SpoolEntry
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -208,7 +212,7 @@ def _spool(settings: Settings, args: argparse.Namespace) -> int:
             entries = spool.entries(only_unmatched=args.unmatched, only_refused=args.refused)
             stats = spool.stats()
             if args.json:
-                print(json.dumps([_entry_dict(e) for e in entries], ensure_ascii=False, indent=2))
+                print(json.dumps([_spool_dict(e) for e in entries], ensure_ascii=False, indent=2))
                 return EXIT_OK
             print(
                 f"Spool {settings.spool_path}: {stats.queued} en cola, {stats.pending} esperando su ejecución, "
@@ -220,7 +224,7 @@ def _spool(settings: Settings, args: argparse.Namespace) -> int:
                     "Ejecute `sam-callback check`, aplique la migración de SAM indicada y `sam-callback spool retry`"
                 )
             for e in entries:
-                state = "NO EMPAREJADO" if e.unmatched else ("RECHAZADO" if e.refused else e.kind)
+                state = "NO EMPAREJADO" if e.unmatched else ("RECHAZADO" if e.refused else e.kind.code)
                 print(
                     f"{e.seq:>8}  {_when(e.received_at)}  {state:<14} {e.deployment_id}  {e.status}  intentos={e.attempts}  {e.last_error or ''}"
                 )
@@ -288,6 +292,11 @@ def _rejected(settings: Settings, args: argparse.Namespace) -> int:
         return EXIT_FAILED
     finally:
         store.close()
+
+
+def _spool_dict(entry: SpoolEntry) -> dict[str, object]:
+    # The kind by its name, as the spool file and the answers have it, not its priority number.
+    return _entry_dict(entry) | {"kind": entry.kind.code.value}
 
 
 def _rejected_dict(entry: object) -> dict[str, object]:

@@ -9,13 +9,14 @@ import time
 from typing import TYPE_CHECKING
 
 import anyio.to_thread
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
-from .logs import log_fields, request_id_var
+from .domain import AuthFailure, ResultCode, describe
+from .logs import log_fields
 from .payload import PayloadError, is_probe, parse_callback
 from .protocols import BODY_RECEIVED
 from .rejected import RejectedStoreError
-from .responses import request_id_from, send_envelope, send_recorded
+from .responses import send_envelope, send_recorded
 
 if TYPE_CHECKING:
     from .activity import Activity
@@ -25,7 +26,7 @@ log = logging.getLogger("sam.callback.http")
 
 _INFO = logging.INFO
 _JSON_TYPES = (b"application/json", b"text/plain")
-_REFUSED = frozenset({"unauthorized", "forbidden", "too_many_requests"})
+_REFUSED = frozenset({ResultCode.UNAUTHORIZED, ResultCode.FORBIDDEN, ResultCode.TOO_MANY_REQUESTS})
 
 
 class _BodyTooLarge(Exception):
@@ -33,43 +34,35 @@ class _BodyTooLarge(Exception):
 
 
 class CallbackEndpoint:
-    """ASGI middleware that answers the callback path itself and passes everything else on."""
+    """The callback path's handler, called by the dispatcher (app.py) with the request's id."""
 
-    def __init__(self, app: ASGIApp, *, runtime: Runtime, activity: Activity) -> None:
-        self.app = app
+    def __init__(self, *, runtime: Runtime, activity: Activity) -> None:
         self.runtime = runtime
         self.activity = activity
-        self.path = runtime.settings.endpoint_path
-        self._path = self.path.rstrip("/")
         self.max_body = runtime.settings.max_body_bytes
         self.body_timeout = runtime.settings.body_timeout_seconds
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Dispatch by path."""
-        if scope["type"] != "http" or scope["path"].rstrip("/") != self._path:
-            await self.app(scope, receive, send)
-            return
+    async def __call__(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
+        """Answer one callback request, named `request_id` by the dispatcher."""
         headers = dict(scope["headers"])
-        request_id = request_id_from(headers.get(b"x-request-id"))
-        request_id_var.set(request_id)
         started = time.perf_counter()
         peer = scope["client"][0] if scope.get("client") else "-"
         client = peer
         deployment_id: str | None = None
         status: str | None = None
-        code = "internal_error"
+        code = ResultCode.INTERNAL_ERROR
         try:
             client = self.runtime.resolver.client_address(peer, _text(headers.get(b"x-forwarded-for")))
             code, deployment_id, status = await self._handle(scope, receive, send, headers, request_id, client)
         except Exception:
             log.exception("Error interno atendiendo un callback de %s", client)
-            code = "internal_error"
+            code = ResultCode.INTERNAL_ERROR
             await send_envelope(send, code, request_id)
         seconds = time.perf_counter() - started
         self.runtime.metrics.observe_callback(code=code, status=status, seconds=seconds)
         if code not in _REFUSED:  # refused requests are noted with their reason where they are refused
             self.activity.callback(deployment_id, status, code, client, request_id)
-        if code != "too_many_requests":
+        if code != ResultCode.TOO_MANY_REQUESTS:
             duration_ms = round(seconds * 1000, 1)
             fields = {"request_id": request_id, "client": client, "deploymentId": deployment_id,
                       "status": status, "result": code, "duration_ms": duration_ms}  # fmt: skip
@@ -86,17 +79,17 @@ class CallbackEndpoint:
         headers: dict[bytes, bytes],
         request_id: str,
         client: str,
-    ) -> tuple[str, str | None, str | None]:
+    ) -> tuple[ResultCode, str | None, str | None]:
         runtime = self.runtime
         if scope["method"] != "POST":
-            await send_envelope(send, "method_not_allowed", request_id, headers=[(b"allow", b"POST")])
-            return "method_not_allowed", None, None
+            await send_envelope(send, ResultCode.METHOD_NOT_ALLOWED, request_id, headers=[(b"allow", b"POST")])
+            return ResultCode.METHOD_NOT_ALLOWED, None, None
         if not runtime.resolver.allowed_address(client):
             log.warning("Petición rechazada: la dirección %s no está en CALLBACK_ALLOWED_IPS", client)
-            runtime.alerts.refused(client, 403, ("dirección fuera de CALLBACK_ALLOWED_IPS",))
-            self.activity.refused(client, "dirección fuera de CALLBACK_ALLOWED_IPS (403)")
-            await send_envelope(send, "forbidden", request_id)
-            return "forbidden", None, None
+            runtime.alerts.refused(client, 403, (AuthFailure.ADDRESS_NOT_ALLOWED,))
+            self.activity.refused(client, 403, (AuthFailure.ADDRESS_NOT_ALLOWED,))
+            await send_envelope(send, ResultCode.FORBIDDEN, request_id)
+            return ResultCode.FORBIDDEN, None, None
         verdict = runtime.authenticator.check(
             _text(headers.get(b"x-authorization")),
             _text(headers.get(b"authorization")),
@@ -109,7 +102,7 @@ class CallbackEndpoint:
             log.warning(
                 "Credencial no válida ignorada (otra es válida) cliente=%s motivo=%s",
                 client,
-                "; ".join(verdict.reasons),
+                describe(verdict.reasons),
             )
         content_type = headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
         unsupported = bool(content_type) and content_type not in _JSON_TYPES and not content_type.endswith(b"+json")
@@ -117,21 +110,23 @@ class CallbackEndpoint:
             body = await self._read_body(scope, receive, headers.get(b"content-length"))
         except _BodyTooLarge:
             await send_envelope(
-                send, "payload_too_large", request_id, headers=[(b"connection", b"close")],
+                send, ResultCode.PAYLOAD_TOO_LARGE, request_id, headers=[(b"connection", b"close")],
                 message=f"El cuerpo supera el máximo de {self.max_body} bytes (CALLBACK_MAX_BODY_BYTES)",
             )  # fmt: skip
-            return "payload_too_large", None, None
+            return ResultCode.PAYLOAD_TOO_LARGE, None, None
         except TimeoutError:
-            await send_envelope(send, "request_timeout", request_id, headers=[(b"connection", b"close")])
-            return "request_timeout", None, None
+            await send_envelope(send, ResultCode.REQUEST_TIMEOUT, request_id, headers=[(b"connection", b"close")])
+            return ResultCode.REQUEST_TIMEOUT, None, None
         if body is None:
-            return "client_disconnected", None, None
+            return ResultCode.CLIENT_DISCONNECTED, None, None
         if unsupported:
             # Authenticated, so the body is kept: A360 will not send it again (SPEC 10).
             reason = f"tipo de contenido no admitido: {_text(content_type)}"
-            await self._keep_rejected(body, request_id, client, "unsupported_media_type", reason, headers, None)
-            await send_envelope(send, "unsupported_media_type", request_id)
-            return "unsupported_media_type", None, None
+            await self._keep_rejected(
+                body, request_id, client, ResultCode.UNSUPPORTED_MEDIA_TYPE, reason, headers, None
+            )
+            await send_envelope(send, ResultCode.UNSUPPORTED_MEDIA_TYPE, request_id)
+            return ResultCode.UNSUPPORTED_MEDIA_TYPE, None, None
         try:
             callback = parse_callback(body)
         except PayloadError as exc:
@@ -141,15 +136,17 @@ class CallbackEndpoint:
                 exc.details,
             )
             reason = "; ".join(f"{detail['field']}: {detail['problem']}" for detail in exc.details)
-            await self._keep_rejected(body, request_id, client, "invalid_payload", reason, headers, exc.deployment_id)
-            await send_envelope(send, "invalid_payload", request_id, details=exc.details)
-            return "invalid_payload", exc.deployment_id, exc.status
+            await self._keep_rejected(
+                body, request_id, client, ResultCode.INVALID_PAYLOAD, reason, headers, exc.deployment_id
+            )
+            await send_envelope(send, ResultCode.INVALID_PAYLOAD, request_id, details=exc.details)
+            return ResultCode.INVALID_PAYLOAD, exc.deployment_id, exc.status
         if is_probe(callback):
             # A smoke test of the deployment: it got this far, so it is authentic and valid.
-            await send_recorded(send, "probe", request_id, callback.deployment_id)
-            return "probe", callback.deployment_id, callback.status
+            await send_recorded(send, ResultCode.PROBE, request_id, callback.deployment_id)
+            return ResultCode.PROBE, callback.deployment_id, callback.status
         code = await runtime.recorder.submit(callback, request_id)
-        if code == "unavailable":
+        if code == ResultCode.UNAVAILABLE:
             runtime.alerts.unavailable(callback.deployment_id, callback.status, request_id)
             await send_envelope(
                 send, code, request_id, headers=[(b"retry-after", b"30")], deploymentId=callback.deployment_id
@@ -163,7 +160,7 @@ class CallbackEndpoint:
         body: bytes,
         request_id: str,
         client: str,
-        code: str,
+        code: ResultCode,
         reason: str,
         headers: dict[bytes, bytes],
         deployment_id: str | None,
@@ -176,7 +173,7 @@ class CallbackEndpoint:
                     body=body,
                     request_id=request_id,
                     client=client,
-                    code=code,
+                    code=code.value,
                     reason=reason,
                     content_type=_text(headers.get(b"content-type")) or "",
                     deployment_id=deployment_id,
@@ -189,30 +186,31 @@ class CallbackEndpoint:
             seq=seq, client=client, reason=reason, deployment_id=deployment_id, request_id=request_id
         )
 
-    async def _refuse(self, send: Send, request_id: str, client: str, reasons: tuple[str, ...]) -> str:
+    async def _refuse(self, send: Send, request_id: str, client: str, reasons: tuple[AuthFailure, ...]) -> ResultCode:
         runtime = self.runtime
-        runtime.metrics.auth_failures.labels(failure_label(reasons)).inc()
+        # The first reason names the failure: in mode required a bad JWT comes before "token: ausente".
+        runtime.metrics.auth_failures.labels(reasons[0].label if reasons else "other").inc()
         throttled, retry_after = runtime.throttle.fail(client)
-        self.activity.refused(client, ("limitado (429): " if throttled else "") + "; ".join(reasons))
+        self.activity.refused(client, 429 if throttled else 401, reasons)
         if throttled:
             runtime.note_throttled(client)
             runtime.alerts.refused(client, 429, reasons)
             await send_envelope(
                 send,
-                "too_many_requests",
+                ResultCode.TOO_MANY_REQUESTS,
                 request_id,
                 headers=[(b"retry-after", str(retry_after).encode())],
             )
-            return "too_many_requests"
-        log.warning("Autenticación fallida cliente=%s motivo=%s", client, "; ".join(reasons))
+            return ResultCode.TOO_MANY_REQUESTS
+        log.warning("Autenticación fallida cliente=%s motivo=%s", client, describe(reasons))
         runtime.alerts.refused(client, 401, reasons)
         await send_envelope(
             send,
-            "unauthorized",
+            ResultCode.UNAUTHORIZED,
             request_id,
             headers=[(b"www-authenticate", b'Bearer realm="sam-callback"')],
         )
-        return "unauthorized"
+        return ResultCode.UNAUTHORIZED
 
     async def _read_body(self, scope: Scope, receive: Receive, content_length: bytes | None) -> bytes | None:
         if content_length is not None:
@@ -244,30 +242,6 @@ class CallbackEndpoint:
             if not message.get("more_body", False):
                 break
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-def failure_label(reasons: tuple[str, ...]) -> str:
-    """A stable, low-cardinality label for the first reason a request failed."""
-    text = reasons[0] if reasons else ""
-    for needle, label in _FAILURE_LABELS:
-        if needle in text:
-            return label
-    return "other"
-
-
-_FAILURE_LABELS = (
-    ("sin credenciales", "missing_credentials"),
-    ("ausente", "missing_credentials"),
-    ("token estático", "invalid_token"),
-    ("caducado", "jwt_expired"),
-    ("aún no válido", "jwt_not_yet_valid"),
-    ("audiencia", "jwt_audience"),
-    ("emisor", "jwt_issuer"),
-    ("client", "client_id"),
-    ("firma", "jwt_signature"),
-    ("algoritmo", "jwt_algorithm"),
-    ("jwt", "jwt_invalid"),
-)
 
 
 def _text(value: bytes | None) -> str | None:

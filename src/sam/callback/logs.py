@@ -236,21 +236,6 @@ class SharedTimedRotatingFileHandler(_FlushWhenIdle, logging.handlers.TimedRotat
         return self.rotation_filename(self.baseFilename + "." + time.strftime(self.suffix, when))
 
 
-class _SkipCallbackAccess(logging.Filter):
-    """The service writes its own line per callback; uvicorn's access line would repeat it."""
-
-    def __init__(self, path: str) -> None:
-        super().__init__()
-        self.path = path.rstrip("/")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        """Drop uvicorn's access record for the callback path."""
-        args = record.args
-        return not (
-            isinstance(args, tuple) and len(args) >= 3 and str(args[2]).split("?", 1)[0].rstrip("/") == self.path
-        )
-
-
 class LoggingHandle:
     """The running log pipeline; `close()` flushes and detaches it."""
 
@@ -259,12 +244,10 @@ class LoggingHandle:
         listener: logging.handlers.QueueListener,
         handlers: list[logging.Handler],
         queue_handler: logging.Handler,
-        access_filter: logging.Filter | None = None,
     ) -> None:
         self.listener = listener
         self.handlers = handlers
         self.queue_handler = queue_handler
-        self.access_filter = access_filter
         self.closed = False
         self._record_flags = (logging.logThreads, logging.logMultiprocessing)
 
@@ -284,8 +267,6 @@ class LoggingHandle:
             logger = logging.getLogger(name)
             if self.queue_handler in logger.handlers:
                 logger.removeHandler(self.queue_handler)
-        if self.access_filter is not None:
-            logging.getLogger("uvicorn.access").removeFilter(self.access_filter)
         self.listener.stop()
         logging.logThreads, logging.logMultiprocessing = self._record_flags
         for handler in self.handlers:
@@ -327,9 +308,8 @@ def setup_logging(settings: Settings, secrets: Iterable[str] = ()) -> LoggingHan
         if name in ("sam.callback", "uvicorn"):
             logger.addHandler(queue_handler)
         logger.propagate = name not in ("sam.callback", "uvicorn")
-    # Installed here rather than in server.py so that every worker process gets it too.
-    handle.access_filter = _SkipCallbackAccess(settings.endpoint_path)
-    logging.getLogger("uvicorn.access").addFilter(handle.access_filter)
+    # No filter for uvicorn's access line of a callback: the HTTP protocol (protocols.py, in every
+    # mode) switches it off per request, since the endpoint writes its own line.
     return handle
 
 

@@ -11,6 +11,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from .domain import ResultCode
 from .spool import SpoolError, SpoolStats
 
 # Status labels are kept to the states A360 and SAM use: a free-form status must not be able
@@ -104,14 +105,17 @@ class Metrics:
         self.started_at = time.time()
         self._callback_children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
 
-    def observe_callback(self, *, code: str, status: str | None, seconds: float) -> None:
+    def observe_callback(self, *, code: ResultCode, status: str | None, seconds: float) -> None:
         """Count one answered callback."""
         label = status if status in KNOWN_STATUSES else ("OTHER" if status else "-")
         key = (code, label)
         children = self._callback_children.get(key)
         if children is None:
             # labels() validates and locks on every call; the few (code, status) pairs are kept.
-            children = self._callback_children[key] = (self.callbacks.labels(code, label), self.latency.labels(code))
+            children = self._callback_children[key] = (
+                self.callbacks.labels(code.value, label),
+                self.latency.labels(code.value),
+            )
         children[0].inc()
         children[1].observe(seconds)
 

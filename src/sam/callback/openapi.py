@@ -7,15 +7,17 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from .domain import ResultCode
 from .payload import DEPLOYMENT_ID_MAX, PROBE_PREFIX, STATUS_MAX, CallbackPayload, Envelope
 from .responses import ANSWERS
 from .settings import Settings
 
-_CALLBACK_CODES = (
-    "updated", "already_processed", "probe", "pending_match", "queued", "invalid_payload", "unauthorized",
-    "forbidden", "method_not_allowed", "request_timeout", "payload_too_large",
-    "unsupported_media_type", "too_many_requests", "headers_too_large", "internal_error", "unavailable",
-)  # fmt: skip
+# Every answer the callback path can give: the others belong to other paths or are never sent.
+_CALLBACK_CODES = tuple(
+    code
+    for code in ResultCode
+    if code not in {ResultCode.NOT_FOUND, ResultCode.NOT_READY, ResultCode.CLIENT_DISCONNECTED}
+)
 
 # What payload.py accepts, said in JSON Schema so that a client (or schemathesis) can tell a valid
 # body from an invalid one: the pydantic model alone would claim that any string is a valid id.

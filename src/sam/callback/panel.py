@@ -17,6 +17,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from . import __version__
 from .activity import MINUTES_KEPT, Activity, ActivityPublisher, CallbackEvent, ProcessActivity, RefusedEvent
+from .domain import ResultCode
 from .logs import request_id_var
 from .network import in_networks
 from .rejected import RejectedStoreError
@@ -96,7 +97,7 @@ async def panel_response(request: Request, runtime: Runtime, activity: Activity)
     if not in_networks(client, runtime.settings.admin_allowed_networks):
         log.warning("Panel: la dirección %s no está en CALLBACK_ADMIN_ALLOWED_IPS", client)
         status, body = envelope(
-            "forbidden",
+            ResultCode.FORBIDDEN,
             request_id_var.get(),
             message="La dirección de origen no puede abrir el panel (CALLBACK_ADMIN_ALLOWED_IPS)",
         )
@@ -333,14 +334,15 @@ def _callback_table(events: list[tuple[int, CallbackEvent]], *, now: float, seve
     headers = ["Hora", "deploymentId", "Estado", "Resultado", "Cliente", "request id"]
     rows = []
     for pid, (at, _seq, deployment_id, status, result, client, request_id) in events:
-        kind = "ok" if result in ("updated", "already_processed") else ("wait" if result in _WAITING else "bad")
+        kind = "ok" if result in _DONE else ("wait" if result in _WAITING else "bad")
         row = [_e(_time_of_day(at, now)), _e(deployment_id), _e(status), f'<span class="{kind}">{_e(result)}</span>']
         row += [_e(client), f"<code>{_e(request_id)}</code>"]
         rows.append([*row, _e(pid)] if several else row)
     return _table([*headers, "Proceso"] if several else headers, rows, "Ningún callback recibido (con este filtro).")
 
 
-_WAITING = frozenset({"pending_match", "queued"})
+_DONE = frozenset({ResultCode.UPDATED, ResultCode.ALREADY_PROCESSED})
+_WAITING = frozenset({ResultCode.PENDING_MATCH, ResultCode.QUEUED})
 
 
 def _refused_table(events: list[tuple[int, RefusedEvent]], *, now: float, several: bool) -> str:

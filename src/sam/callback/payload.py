@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError
 
-from .repository import Callback
+from .domain import Callback
 
 # Control characters and lone surrogates cannot be stored in an nvarchar key nor matched
 # against one; they are refused before they reach a driver.

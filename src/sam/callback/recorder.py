@@ -16,17 +16,14 @@ from itertools import groupby
 import anyio.to_thread
 from sqlalchemy.exc import SQLAlchemyError
 
-from .repository import Callback, Failure, Outcome, Repository, classify_error, describe_error
-from .spool import PENDING, QUEUED, Spool, SpoolEntry, SpoolError
+from .domain import Callback, Outcome, ResultCode, SpoolKind
+from .repository import Failure, Repository, classify_error, describe_error
+from .spool import NewEntry, RefusedEntry, Reschedule, Spool, SpoolEntry, SpoolError
 
 log = logging.getLogger("sam.callback.recorder")
 
-UPDATED = Outcome.UPDATED.value
-ALREADY_PROCESSED = Outcome.ALREADY_PROCESSED.value
-PENDING_MATCH = Outcome.NOT_FOUND.value
-UNAVAILABLE = "unavailable"
-# What a request receives from the watchdog when the writer did not answer in time.
-_TAKEN_OVER = "taken_over"
+QUEUED = SpoolKind.QUEUED
+PENDING = SpoolKind.PENDING_MATCH
 
 _MAX_BATCH = 256
 # How long the writer waits for more callbacks when its batch is much smaller than the last one.
@@ -64,9 +61,10 @@ def retry_delay(attempts: int) -> float:
 class _Item:
     callback: Callback
     request_id: str
-    future: asyncio.Future[str]
+    # None from the watchdog: the writer did not answer in time and the request takes over.
+    future: asyncio.Future[ResultCode | None]
     deadline: float
-    result: str = field(default=UNAVAILABLE)
+    result: ResultCode = field(default=ResultCode.UNAVAILABLE)
     taken_over: bool = False
 
 
@@ -75,7 +73,7 @@ class RecorderEvents:
     """Hooks for metrics and alerts, called from the writer thread; each must return at once.
 
     - `on_db_error(where)`: a statement failed ("callback", "spool" or "probe").
-    - `on_applied(result)`: a spooled callback was applied ("updated" or "already_processed").
+    - `on_applied(result)`: a spooled callback was applied (updated or already_processed).
     - `on_refused(deployment_id, status, error)`: the database refused a callback for a reason
       retrying cannot fix (SPEC 8); it stays in the spool marked refused. `error` holds no secret.
     - `on_unmatched(entry)`: a callback's row never appeared within the match window.
@@ -84,7 +82,7 @@ class RecorderEvents:
     """
 
     on_db_error: Callable[[str], None] = lambda _where: None
-    on_applied: Callable[[str], None] = lambda _result: None
+    on_applied: Callable[[ResultCode], None] = lambda _result: None
     on_refused: Callable[[str, str, str], None] = lambda _deployment_id, _status, _error: None
     on_unmatched: Callable[[SpoolEntry], None] = lambda _entry: None
     on_database_down: Callable[[str | None], None] = lambda _error: None
@@ -144,10 +142,10 @@ class Recorder:
         self._db_retry_at = 0.0
         self._next_drain = 0.0
 
-    async def submit(self, callback: Callback, request_id: str) -> str:
+    async def submit(self, callback: Callback, request_id: str) -> ResultCode:
         """Record one callback durably; return the envelope code once it is committed."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[str] = loop.create_future()
+        future: asyncio.Future[ResultCode | None] = loop.create_future()
         item = _Item(callback, request_id, future, loop.time() + self.database_timeout)
         # One watchdog for all requests instead of a timeout per request: arming and cancelling
         # a timer for every callback cost more than the rest of this method.
@@ -156,7 +154,7 @@ class Recorder:
             self._watchdog = loop.call_at(item.deadline, self._take_over_late)
         self._queue.put(item)
         result = await future
-        if result != _TAKEN_OVER:
+        if result is not None:
             return result
         # The writer is stuck in the database. Keep the callback in the spool from here; if the
         # writer still commits it later, the spooled copy is a no-op (the UPDATE is guarded).
@@ -171,7 +169,7 @@ class Recorder:
             item = waiting.popleft()
             if not item.future.done():
                 item.taken_over = True
-                item.future.set_result(_TAKEN_OVER)
+                item.future.set_result(None)
         if waiting:
             self._watchdog = waiting[0].future.get_loop().call_at(waiting[0].deadline, self._take_over_late)
 
@@ -182,17 +180,17 @@ class Recorder:
         while waiting and waiting[0].future.done():
             waiting.popleft()
 
-    def _spool_stuck(self, item: _Item) -> str:
+    def _spool_stuck(self, item: _Item) -> ResultCode:
         try:
-            self.spool.add([(item.callback, item.request_id, QUEUED)], now=time.time(), first_delay=0.0)
+            self.spool.add([NewEntry(item.callback, item.request_id, QUEUED)], now=time.time(), first_delay=0.0)
         except SpoolError as exc:
             log.error("No se pudo guardar en el spool un callback con la base de datos bloqueada: %s", exc)
-            return UNAVAILABLE
+            return ResultCode.UNAVAILABLE
         log.warning(
             "La base de datos no responde en %.0f s; callback guardado en el spool deploymentId=%s request_id=%s",
             self.database_timeout, item.callback.deployment_id, item.request_id,
         )  # fmt: skip
-        return QUEUED
+        return ResultCode.QUEUED
 
     def _run(self) -> None:
         while True:
@@ -259,7 +257,7 @@ class Recorder:
             waiting = self.spool.waiting_kinds(item.callback.deployment_id for item in batch)
         except SpoolError:
             waiting = {}
-        to_spool: list[tuple[_Item, str]] = []
+        to_spool: list[tuple[_Item, SpoolKind]] = []
         direct: list[_Item] = []
         for item in batch:
             # Callbacks for a run that already waits in the spool queue up behind it, so each
@@ -291,23 +289,23 @@ class Recorder:
         if to_spool:
             try:
                 self.spool.add(
-                    ((item.callback, item.request_id, kind) for item, kind in to_spool),
+                    (NewEntry(item.callback, item.request_id, kind) for item, kind in to_spool),
                     now=now,
                     first_delay=pending_delay(0),
                 )
             except SpoolError as exc:
                 log.error("No se pudo guardar en el spool %d callbacks: %s", len(to_spool), exc)
                 for item, _kind in to_spool:
-                    item.result = UNAVAILABLE
+                    item.result = ResultCode.UNAVAILABLE
             else:
                 for item, kind in to_spool:
-                    item.result = kind
+                    item.result = kind.code
                 self._next_drain = min(self._next_drain, now + pending_delay(0))
 
     @staticmethod
-    def _settle(items: list[_Item], outcomes: list[Outcome]) -> list[tuple[_Item, str]]:
+    def _settle(items: list[_Item], outcomes: list[Outcome]) -> list[tuple[_Item, SpoolKind]]:
         """Set the answers the database gave; return the callbacks whose row is still missing."""
-        missing: list[tuple[_Item, str]] = []
+        missing: list[tuple[_Item, SpoolKind]] = []
         for item, outcome in zip(items, outcomes, strict=True):
             if outcome is Outcome.NOT_FOUND:
                 missing.append((item, PENDING))
@@ -315,9 +313,9 @@ class Recorder:
                 item.result = outcome.value
         return missing
 
-    def _isolate(self, ordered: list[_Item], first: SQLAlchemyError, now: float) -> list[tuple[_Item, str]]:
+    def _isolate(self, ordered: list[_Item], first: SQLAlchemyError, now: float) -> list[tuple[_Item, SpoolKind]]:
         """Apply a refused batch one callback at a time; return what goes to the spool (queued or pending)."""
-        to_spool: list[tuple[_Item, str]] = []
+        to_spool: list[tuple[_Item, SpoolKind]] = []
         refused: list[tuple[_Item, str]] = []
         held: set[str] = set()  # runs with a callback kept back: their later ones wait behind it
         for index, item in enumerate(ordered):
@@ -358,17 +356,17 @@ class Recorder:
     def _keep_refused(self, refused: list[tuple[_Item, str]], now: float) -> None:
         try:
             self.spool.add_refused(
-                ((item.callback, item.request_id, error) for item, error in refused),
+                (RefusedEntry(item.callback, item.request_id, error) for item, error in refused),
                 now=now,
                 retry_at=now + REFUSED_RETRY_SECONDS,
             )
         except SpoolError as exc:
             log.error("No se pudo guardar en el spool %d callbacks rechazados: %s", len(refused), exc)
             for item, _error in refused:
-                item.result = UNAVAILABLE
+                item.result = ResultCode.UNAVAILABLE
             return
         for item, error in refused:
-            item.result = QUEUED
+            item.result = ResultCode.QUEUED
             self._refused(item.callback.deployment_id, item.callback.status, error, item.request_id)
 
     def _refused(self, deployment_id: str, status: str, error: str, request_id: str) -> None:
@@ -494,7 +492,7 @@ class Recorder:
                     entry.deployment_id,
                     entry.request_id,
                 )
-            updates.append((entry.seq, now + pending_delay(age), PENDING, None, expired))
+            updates.append(Reschedule(entry.seq, now + pending_delay(age), PENDING, None, expired))
         if updates:
             self.spool.reschedule(updates)
         for entry in expired_entries:
@@ -507,10 +505,10 @@ class Recorder:
         for chain, exc in failed:
             head, error = chain[0], describe_error(exc)
             if classify_error(exc) is Failure.PERMANENT:
-                refused.append((head.seq, now + REFUSED_RETRY_SECONDS, head.kind, error, False))
+                refused.append(Reschedule(head.seq, now + REFUSED_RETRY_SECONDS, head.kind, error))
                 self._refused(head.deployment_id, head.status, error, head.request_id)
             else:
-                transient.append((head.seq, now + retry_delay(head.attempts), head.kind, error, False))
+                transient.append(Reschedule(head.seq, now + retry_delay(head.attempts), head.kind, error))
         if transient:
             self.spool.reschedule(transient)
         if refused:
@@ -518,8 +516,8 @@ class Recorder:
 
     def _apply_each(
         self, chains: list[list[SpoolEntry]]
-    ) -> tuple[list[tuple[SpoolEntry, str]], list[SpoolEntry], list[tuple[list[SpoolEntry], SQLAlchemyError]]]:
-        applied: list[tuple[SpoolEntry, str]] = []
+    ) -> tuple[list[tuple[SpoolEntry, ResultCode]], list[SpoolEntry], list[tuple[list[SpoolEntry], SQLAlchemyError]]]:
+        applied: list[tuple[SpoolEntry, ResultCode]] = []
         missing: list[SpoolEntry] = []
         failed: list[tuple[list[SpoolEntry], SQLAlchemyError]] = []
         for index, chain in enumerate(chains):
@@ -535,7 +533,9 @@ class Recorder:
                 missing += chain_missing
         return applied, missing, failed
 
-    def _apply_chains(self, chains: list[list[SpoolEntry]]) -> tuple[list[tuple[SpoolEntry, str]], list[SpoolEntry]]:
+    def _apply_chains(
+        self, chains: list[list[SpoolEntry]]
+    ) -> tuple[list[tuple[SpoolEntry, ResultCode]], list[SpoolEntry]]:
         entries = [entry for chain in chains for entry in chain]
         # Each run ends when its callback arrived, not now: the wait is subtracted from the
         # database's clock in the statement itself.
@@ -543,7 +543,7 @@ class Recorder:
         outcomes = self.repository.apply_many(
             [entry.callback for entry in entries], waited=[wall - entry.received_at for entry in entries]
         )
-        applied: list[tuple[SpoolEntry, str]] = []
+        applied: list[tuple[SpoolEntry, ResultCode]] = []
         missing: list[SpoolEntry] = []
         stopped: set[str] = set()
         for entry, outcome in zip(entries, outcomes, strict=True):

@@ -70,7 +70,10 @@ class CredentialReloader:
         self.apply = apply
         self.env_file = env_file
         self._key_digest = _key_digest(settings)
-        self._seen = self._look()
+        # Nothing seen yet, so the first poll re-reads the files: `settings` were read before this
+        # watcher started (a worker reads them when it imports the app), and an edit in between
+        # would otherwise never be noticed.
+        self._seen: _Seen | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

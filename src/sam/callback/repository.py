@@ -8,7 +8,6 @@ import logging
 import re
 import sqlite3
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,8 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.schema import CreateIndex, CreateTable
 from sqlalchemy.sql.expression import FunctionElement
+
+from .domain import Callback, Outcome
 
 log = logging.getLogger("sam.callback.db")
 
@@ -110,23 +111,6 @@ ejecuciones = Table(
     Column("FechaUltimoUNKNOWN", _legacy_datetime()),
     Column("FechaInicioReal", _legacy_datetime()),
 )
-
-
-class Outcome(enum.Enum):
-    """What the guarded update found."""
-
-    UPDATED = "updated"
-    ALREADY_PROCESSED = "already_processed"
-    NOT_FOUND = "pending_match"
-
-
-@dataclass(frozen=True, slots=True)
-class Callback:
-    """One validated callback, ready to record."""
-
-    deployment_id: str
-    status: str
-    raw: str
 
 
 class arrival(FunctionElement[Any]):  # noqa: N801 - reads like the SQL function it renders

@@ -11,58 +11,60 @@ from typing import Any
 
 from starlette.types import Send
 
-# code -> (HTTP status, envelope status, message for operators)
-ANSWERS: dict[str, tuple[int, str, str]] = {
-    "updated": (200, "OK", "Estado de la ejecución actualizado"),
-    "already_processed": (
+from .domain import RECORDED_CODES, ResultCode
+
+# code -> (HTTP status, envelope status, message for operators); every code but client_disconnected.
+ANSWERS: dict[ResultCode, tuple[int, str, str]] = {
+    ResultCode.UPDATED: (200, "OK", "Estado de la ejecución actualizado"),
+    ResultCode.ALREADY_PROCESSED: (
         200,
         "OK",
         "La ejecución ya tenía ese estado o un estado final; no se ha modificado",
     ),
-    "pending_match": (
+    ResultCode.PENDING_MATCH: (
         202,
         "ACCEPTED",
         "La ejecución aún no existe; el callback se ha guardado y se aplicará cuando aparezca",
     ),
-    "queued": (
+    ResultCode.QUEUED: (
         202,
         "ACCEPTED",
         "Base de datos no disponible; el callback se ha guardado y se aplicará en cuanto responda",
     ),
-    "probe": (
+    ResultCode.PROBE: (
         200,
         "OK",
         "Callback de prueba recibido: autenticación y validación correctas; no se registra nada",
     ),
-    "unauthorized": (401, "ERROR", "Credenciales ausentes o no válidas"),
-    "forbidden": (403, "ERROR", "La dirección de origen no está autorizada"),
-    "not_found": (404, "ERROR", "Ruta no encontrada"),
-    "method_not_allowed": (405, "ERROR", "Método no permitido"),
-    "request_timeout": (408, "ERROR", "El cuerpo de la petición no llegó a tiempo"),
-    "payload_too_large": (
+    ResultCode.UNAUTHORIZED: (401, "ERROR", "Credenciales ausentes o no válidas"),
+    ResultCode.FORBIDDEN: (403, "ERROR", "La dirección de origen no está autorizada"),
+    ResultCode.NOT_FOUND: (404, "ERROR", "Ruta no encontrada"),
+    ResultCode.METHOD_NOT_ALLOWED: (405, "ERROR", "Método no permitido"),
+    ResultCode.REQUEST_TIMEOUT: (408, "ERROR", "El cuerpo de la petición no llegó a tiempo"),
+    ResultCode.PAYLOAD_TOO_LARGE: (
         413,
         "ERROR",
         "El cuerpo de la petición supera el tamaño máximo permitido",
     ),
-    "headers_too_large": (
+    ResultCode.HEADERS_TOO_LARGE: (
         431,
         "ERROR",
         "La línea de petición y las cabeceras superan el tamaño máximo permitido",
     ),
-    "unsupported_media_type": (
+    ResultCode.UNSUPPORTED_MEDIA_TYPE: (
         415,
         "ERROR",
         "Tipo de contenido no admitido; envíe application/json",
     ),
-    "invalid_payload": (400, "ERROR", "El cuerpo de la petición no es un callback válido"),
-    "too_many_requests": (
+    ResultCode.INVALID_PAYLOAD: (400, "ERROR", "El cuerpo de la petición no es un callback válido"),
+    ResultCode.TOO_MANY_REQUESTS: (
         429,
         "ERROR",
         "Demasiados intentos de autenticación fallidos; espere antes de reintentar",
     ),
-    "internal_error": (500, "ERROR", "Error interno; consulte el log con el request_id"),
-    "unavailable": (503, "ERROR", "Base de datos y spool no disponibles; reintente más tarde"),
-    "not_ready": (503, "ERROR", "El servicio no está listo: la base de datos no responde"),
+    ResultCode.INTERNAL_ERROR: (500, "ERROR", "Error interno; consulte el log con el request_id"),
+    ResultCode.UNAVAILABLE: (503, "ERROR", "Base de datos y spool no disponibles; reintente más tarde"),
+    ResultCode.NOT_READY: (503, "ERROR", "El servicio no está listo: la base de datos no responde"),
 }
 
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
@@ -96,12 +98,14 @@ if hasattr(os, "register_at_fork"):  # a forked child must not repeat its parent
     os.register_at_fork(after_in_child=_reset_request_ids)
 
 
-def envelope(code: str, request_id: str, *, message: str | None = None, **extra: Any) -> tuple[int, dict[str, Any]]:
+def envelope(
+    code: ResultCode, request_id: str, *, message: str | None = None, **extra: Any
+) -> tuple[int, dict[str, Any]]:
     """HTTP status and body for `code`."""
     http_status, status, default_message = ANSWERS[code]
     body: dict[str, Any] = {
         "status": status,
-        "code": code,
+        "code": code.value,
         "message": message or default_message,
         "request_id": request_id,
     }
@@ -113,22 +117,20 @@ def envelope(code: str, request_id: str, *, message: str | None = None, **extra:
 _encode = json.JSONEncoder(ensure_ascii=False).encode
 
 
-def _recorded_template(code: str) -> tuple[int, str, str]:
-    http_status, body = envelope(code, "", deploymentId="", result=code)
+def _recorded_template(code: ResultCode) -> tuple[int, str, str]:
+    http_status, body = envelope(code, "", deploymentId="", result=code.value)
     head, _, tail = _encode(body).partition(', "deploymentId": ""')
     return http_status, head.removesuffix('""'), tail
 
 
 # The answer to a recorded callback is the same text each time but for two values: it is
 # assembled from pieces made by the same encoder (tests compare it with `envelope`).
-_RECORDED = {
-    code: _recorded_template(code) for code in ("updated", "already_processed", "pending_match", "queued", "probe")
-}
+_RECORDED = {code: _recorded_template(code) for code in RECORDED_CODES}
 
 
 async def send_envelope(
     send: Send,
-    code: str,
+    code: ResultCode,
     request_id: str,
     *,
     headers: Iterable[tuple[bytes, bytes]] = (),
@@ -140,11 +142,11 @@ async def send_envelope(
     return await _send_json(send, http_status, _encode(body).encode("utf-8"), request_id, headers)
 
 
-async def send_recorded(send: Send, code: str, request_id: str, deployment_id: str) -> int:
+async def send_recorded(send: Send, code: ResultCode, request_id: str, deployment_id: str) -> int:
     """`send_envelope(send, code, request_id, deploymentId=deployment_id, result=code)`, faster."""
     template = _RECORDED.get(code)
     if template is None:
-        return await send_envelope(send, code, request_id, deploymentId=deployment_id, result=code)
+        return await send_envelope(send, code, request_id, deploymentId=deployment_id, result=code.value)
     http_status, head, tail = template
     text = f'{head}{_encode(request_id)}, "deploymentId": {_encode(deployment_id)}{tail}'
     return await _send_json(send, http_status, text.encode("utf-8"), request_id, ())

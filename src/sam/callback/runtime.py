@@ -113,7 +113,7 @@ class Runtime:
         self.alerts.start()
         events = RecorderEvents(
             on_db_error=lambda where: self.metrics.db_errors.labels(where).inc(),
-            on_applied=lambda result: self.metrics.spool_applied.labels(result).inc(),
+            on_applied=lambda result: self.metrics.spool_applied.labels(result.value).inc(),
             on_database_down=self.alerts.database_down,
             on_database_up=self.alerts.database_up,
             on_unmatched=lambda entry: self.alerts.unmatched(

@@ -19,6 +19,7 @@ from uvicorn.supervisors import Multiprocess
 
 from .app import create_app
 from .auth import Authenticator
+from .domain import ResultCode
 from .listen import systemd_listener
 from .protocols import protocol_factory
 from .repository import driver_problem
@@ -42,7 +43,7 @@ MAX_HEAD_BYTES = 64 * 1024
 def head_too_large_answer(limit: int) -> tuple[str, bytes]:
     """Request id and JSON body of the 431 answer to a request head over `limit` bytes."""
     _status, body = envelope(
-        "headers_too_large",
+        ResultCode.HEADERS_TOO_LARGE,
         request_id_from(None),
         message=f"La línea de petición y las cabeceras superan el máximo de {limit} bytes",
     )

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from .repository import Callback
+from .domain import Callback, SpoolKind
 
 if sys.platform == "win32":
     import msvcrt
@@ -22,8 +22,9 @@ else:
 
 log = logging.getLogger("sam.callback.spool")
 
-QUEUED = "queued"
-PENDING = "pending_match"
+# The kind is stored as its code ('queued', 'pending_match'), as spool files always had it.
+_QUEUED = SpoolKind.QUEUED.code.value
+_PENDING = SpoolKind.PENDING_MATCH.code.value
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -65,7 +66,7 @@ class SpoolEntry:
     raw: str
     request_id: str
     received_at: float
-    kind: str
+    kind: SpoolKind
     attempts: int
     next_attempt_at: float
     last_error: str | None
@@ -84,6 +85,35 @@ class SpoolEntry:
     def callback(self) -> Callback:
         """The callback to apply."""
         return Callback(deployment_id=self.deployment_id, status=self.status, raw=self.raw)
+
+
+@dataclass(frozen=True, slots=True)
+class NewEntry:
+    """A callback to keep: why it waits, and the request that brought it."""
+
+    callback: Callback
+    request_id: str
+    kind: SpoolKind
+
+
+@dataclass(frozen=True, slots=True)
+class RefusedEntry:
+    """A callback the database refused for good, with the reason (no secret in it)."""
+
+    callback: Callback
+    request_id: str
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reschedule:
+    """What one try of entry `seq` left: when to try again, its kind, the error, whether it gave up."""
+
+    seq: int
+    next_attempt_at: float
+    kind: SpoolKind
+    last_error: str | None
+    unmatched: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,19 +216,20 @@ class Spool:
             except sqlite3.Error as exc:
                 raise SpoolError(f"el spool no se pudo leer: {exc}") from exc
 
-    def add(self, items: Iterable[tuple[Callback, str, str]], *, now: float, first_delay: float) -> None:
-        """Keep callbacks `(callback, request_id, kind)` in one durable transaction."""
+    def add(self, items: Iterable[NewEntry], *, now: float, first_delay: float) -> None:
+        """Keep callbacks in one durable transaction."""
+        pending = SpoolKind.PENDING_MATCH
         rows = [
             (
-                cb.deployment_id,
-                cb.status,
-                cb.raw,
-                request_id,
+                item.callback.deployment_id,
+                item.callback.status,
+                item.callback.raw,
+                item.request_id,
                 now,
-                kind,
-                now + (first_delay if kind == PENDING else 0.0),
+                item.kind.code.value,
+                now + (first_delay if item.kind is pending else 0.0),
             )
-            for cb, request_id, kind in items
+            for item in items
         ]
         with self._write() as conn:
             conn.executemany(
@@ -210,18 +241,27 @@ class Spool:
             conn.executemany(
                 "UPDATE entries SET next_attempt_at = ? WHERE kind = ? AND unmatched = 0 AND next_attempt_at > ? "
                 "AND seq = (SELECT MIN(seq) FROM entries e WHERE e.deployment_id = ? AND e.unmatched = 0)",
-                [(now, PENDING, now, row[0]) for row in rows],
+                [(now, _PENDING, now, row[0]) for row in rows],
             )
 
-    def add_refused(self, items: Iterable[tuple[Callback, str, str]], *, now: float, retry_at: float) -> None:
-        """Keep callbacks `(callback, request_id, error)` the database refused for good."""
+    def add_refused(self, items: Iterable[RefusedEntry], *, now: float, retry_at: float) -> None:
+        """Keep callbacks the database refused for good."""
         with self._write() as conn:
             conn.executemany(
                 "INSERT INTO entries (deployment_id, status, raw, request_id, received_at, kind, next_attempt_at, "
                 "attempts, last_error, refused) VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?, 1)",
                 [
-                    (cb.deployment_id, cb.status, cb.raw, request_id, now, QUEUED, retry_at, error)
-                    for cb, request_id, error in items
+                    (
+                        item.callback.deployment_id,
+                        item.callback.status,
+                        item.callback.raw,
+                        item.request_id,
+                        now,
+                        _QUEUED,
+                        retry_at,
+                        item.error,
+                    )
+                    for item in items
                 ],
             )
 
@@ -232,22 +272,24 @@ class Spool:
             conn.execute(
                 "UPDATE entries SET next_attempt_at = ? WHERE kind = ? AND unmatched = 0 AND refused = 0 "
                 "AND next_attempt_at > ?",
-                (now, QUEUED, now),
+                (now, _QUEUED, now),
             )
 
-    def waiting_kinds(self, deployment_ids: Iterable[str]) -> dict[str, str]:
-        """For ids that already wait in the spool, the kind a newcomer inherits (queued wins)."""
+    def waiting_kinds(self, deployment_ids: Iterable[str]) -> dict[str, SpoolKind]:
+        """For ids that already wait in the spool, the kind a newcomer inherits (by SpoolKind's priority)."""
         ids = list(set(deployment_ids))
         if not ids:
             return {}
-        found: dict[str, str] = {}
+        found: dict[str, SpoolKind] = {}
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            sql = f"SELECT deployment_id, MIN(kind) FROM entries WHERE unmatched = 0 AND deployment_id IN ({marks}) GROUP BY deployment_id"  # noqa: S608 - only '?' marks are interpolated
-            for deployment_id, kind in self._read(sql, chunk):
-                found[str(deployment_id)] = str(kind)  # 'pending_match' < 'queued' alphabetically
-        return {key: (PENDING if kind == PENDING else QUEUED) for key, kind in found.items()}
+            sql = f"SELECT DISTINCT deployment_id, kind FROM entries WHERE unmatched = 0 AND deployment_id IN ({marks})"  # noqa: S608 - only '?' marks are interpolated
+            for deployment_id, text in self._read(sql, chunk):
+                kind = _kind(text)
+                key = str(deployment_id)
+                found[key] = min(found.get(key, kind), kind)
+        return found
 
     def next_due(self) -> float | None:
         """When the earliest waiting chain is due, or None when nothing waits."""
@@ -304,13 +346,16 @@ class Spool:
         with self._write() as conn:
             conn.executemany("DELETE FROM entries WHERE seq = ?", [(seq,) for seq in seqs])
 
-    def reschedule(self, updates: Iterable[tuple[int, float, str, str | None, bool]], *, refused: bool = False) -> None:
-        """Set `(seq, next_attempt_at, kind, last_error, unmatched)` after a try; `refused` marks a refusal for good."""
+    def reschedule(self, updates: Iterable[Reschedule], *, refused: bool = False) -> None:
+        """Note what each try left; `refused` marks a refusal for good."""
         with self._write() as conn:
             conn.executemany(
                 "UPDATE entries SET attempts = attempts + 1, next_attempt_at = ?, kind = ?, last_error = ?, "
                 "unmatched = ?, refused = ? WHERE seq = ?",
-                [(due, kind, error, int(unmatched), int(refused), seq) for seq, due, kind, error, unmatched in updates],
+                [
+                    (u.next_attempt_at, u.kind.code.value, u.last_error, int(u.unmatched), int(refused), u.seq)
+                    for u in updates
+                ],
             )
 
     def stats(self) -> SpoolStats:
@@ -320,7 +365,7 @@ class Spool:
             "MIN(CASE WHEN unmatched = 0 THEN received_at END), SUM(unmatched = 0 AND refused = 1), "
             "(SELECT last_error FROM entries WHERE unmatched = 0 AND refused = 1 ORDER BY seq DESC LIMIT 1) "
             "FROM entries",
-            (QUEUED, PENDING),
+            (_QUEUED, _PENDING),
         )
         queued, pending, unmatched, oldest, refused, refused_error = rows[0] if rows else (0, 0, 0, None, 0, None)
         return SpoolStats(
@@ -401,7 +446,7 @@ def _entry(row: tuple[object, ...]) -> SpoolEntry:
         raw=str(raw),
         request_id=str(request_id),
         received_at=float(received_at),  # type: ignore[arg-type]
-        kind=str(kind),
+        kind=_kind(kind),
         attempts=int(attempts),  # type: ignore[call-overload]
         next_attempt_at=float(due),  # type: ignore[arg-type]
         last_error=None if error is None else str(error),
@@ -409,3 +454,11 @@ def _entry(row: tuple[object, ...]) -> SpoolEntry:
         refused=bool(refused),
         window_from=float(window_from) if isinstance(window_from, int | float) else None,
     )
+
+
+def _kind(text: object) -> SpoolKind:
+    try:
+        return SpoolKind.from_code(str(text))
+    except KeyError:
+        # Only this program writes the file; an unknown kind is treated as the safer one.
+        return SpoolKind.QUEUED
