@@ -15,7 +15,17 @@ from fastapi.testclient import TestClient
 from sam.callback.app import create_app
 from sam.callback.repository import make_engine, metadata
 from sam.callback.settings import Settings
-from tests.utils import OUR_PREFIXES, PG_ADMIN_URL, TOKEN, Keys, ServerProcess, free_port, new_keys, require_service
+from tests.utils import (
+    OUR_PREFIXES,
+    PG_ADMIN_URL,
+    TOKEN,
+    Keys,
+    ServerProcess,
+    free_port,
+    kill_server,
+    new_keys,
+    require_service,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -125,6 +135,4 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
 
     yield build
     for server in servers:
-        if server.process is not None and server.process.poll() is None:
-            server.process.kill()
-            server.process.wait(10)
+        kill_server(server)

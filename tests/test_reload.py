@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.utils import OUR_PREFIXES, Keys, ServerProcess, free_port, insert_run, wait_for
+from tests.utils import OUR_PREFIXES, Keys, ServerProcess, free_port, insert_run, kill_server, wait_for
 
 OLD = "token-anterior-de-pruebas-000000000000"
 NEW = "token-nuevo-de-pruebas-1111111111111111"
@@ -30,9 +30,7 @@ def make_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
 
     yield build
     for server in servers:
-        if server.process is not None and server.process.poll() is None:
-            server.process.kill()
-            server.process.wait(10)
+        kill_server(server)
 
 
 def _server(tmp_path: Path, dotenv: str, **env: str) -> ServerProcess:

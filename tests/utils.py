@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -151,6 +153,8 @@ class ServerProcess:
     cwd: Path
     port: int
     process: subprocess.Popen[bytes] | None = None
+    # One process group per start: killing a parent with SIGKILL leaves its workers running.
+    groups: list[int] = field(default_factory=list)
     output: list[Path] = field(default_factory=list)
 
     @property
@@ -174,7 +178,9 @@ class ServerProcess:
                 env=self.env,
                 stdout=sink,
                 stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
+        self.groups.append(self.process.pid)
         if wait:
             wait_for(self._healthy, timeout=90, what=f"arranque del servidor en {self.base_url}")
         return self
@@ -194,16 +200,26 @@ class ServerProcess:
 
     def stop(self, sig: int | None = None, timeout: float = 40) -> int:
         """Send `sig` (SIGTERM by default) and wait; return the exit code."""
-        import signal as _signal
-
         assert self.process is not None
         if self.process.poll() is None:
-            self.process.send_signal(sig if sig is not None else _signal.SIGTERM)
+            self.process.send_signal(sig if sig is not None else signal.SIGTERM)
         try:
             return self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
             return self.process.wait(10)
+
+
+def kill_server(server: ServerProcess) -> None:
+    """Kill everything `server` started, worker processes included, and reap the parent."""
+    killpg = getattr(os, "killpg", None)
+    for group in server.groups if killpg is not None else ():
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            killpg(group, signal.SIGKILL)
+    if server.process is not None and server.process.poll() is None:
+        server.process.kill()
+    if server.process is not None:
+        server.process.wait(10)
 
 
 def require_service(what: str, reason: str) -> None:
