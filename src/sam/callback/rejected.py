@@ -9,6 +9,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .spool import open_durable
+
 log = logging.getLogger("sam.callback.rejected")
 
 _SCHEMA = """
@@ -66,15 +68,7 @@ class RejectedStore:
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
             try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                conn = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
-                try:
-                    conn.execute("PRAGMA journal_mode=WAL")
-                    conn.execute("PRAGMA synchronous=FULL")
-                    conn.executescript(_SCHEMA)
-                except sqlite3.Error:
-                    conn.close()
-                    raise
+                conn = open_durable(self.path, _SCHEMA)
             except (sqlite3.Error, OSError) as exc:
                 raise RejectedStoreError(f"no se puede abrir el registro de rechazados en {self.path}: {exc}") from exc
             self._conn = conn

@@ -52,6 +52,21 @@ _COLUMNS = (
 _ADDED_COLUMNS = {"refused": "INTEGER NOT NULL DEFAULT 0", "window_from": "REAL"}
 
 
+def open_durable(path: Path, schema: str) -> sqlite3.Connection:
+    """A connection to a SQLite file in WAL mode with synchronous=FULL, with `schema` applied."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: the commit is on disk before the 2xx leaves, even if the machine loses power.
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.executescript(schema)
+    except sqlite3.Error:
+        conn.close()
+        raise
+    return conn
+
+
 class SpoolError(Exception):
     """The spool cannot keep a callback (disk full, read-only folder, corrupt file)."""
 
@@ -149,13 +164,8 @@ class Spool:
         return self.path.with_name(self.path.name + ".lease")
 
     def _connect(self) -> sqlite3.Connection:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
+        conn = open_durable(self.path, _SCHEMA)
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            # FULL: the commit is on disk before the 2xx leaves, even if the machine loses power.
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.executescript(_SCHEMA)
             present = {str(row[1]) for row in conn.execute("PRAGMA table_info(entries)")}
             for name, definition in _ADDED_COLUMNS.items():
                 if name not in present:
