@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.dialects.mssql import pyodbc as mssql_pyodbc
 from sqlalchemy.dialects.postgresql import psycopg as pg_psycopg
 
 from sam.callback.domain import Callback, Outcome
-from sam.callback.repository import Repository, compile_statements, make_engine, mssql_ddl
+from sam.callback.repository import Repository, compile_statements, make_engine, mssql_ddl, sqlite_local_time
 from sam.callback.settings import DEFAULT_FINAL_STATES
 from tests.utils import fetch_run, insert_run
 
@@ -57,7 +60,8 @@ def test_statements_are_parameterised_on_every_dialect() -> None:
     ):
         for prepared in compile_statements(FINALS, dialect, schema).values():
             assert evil not in prepared.sql and "RUN_FAILED" not in prepared.sql
-            assert evil in str(prepared.params(deployment_id=evil, new_status="S", raw="{}", waited=0.0))
+            values = {"deployment_id": evil, "new_status": "S", "raw": "{}", "waited": 0.0}
+            assert evil in str(prepared.params(**values, arrived_local="2026-11-30 10:00:00"))
 
 
 def test_postgresql_uses_sams_quoted_names() -> None:
@@ -153,3 +157,24 @@ def test_sqlite_schema_is_created_on_first_start(make_settings: Callable[..., ob
     with TestClient(create_app(make_settings(database_url=url))):  # type: ignore[arg-type]
         pass
     assert sa.inspect(make_engine(url)).has_table("Ejecuciones")
+
+
+def test_sqlite_binds_the_arrival_in_its_own_clock_format(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On SQLite the arrival is bound as text, exactly as SQLite's localtime would write it."""
+    sql = compile_statements(FINALS, sqlite_dialect.dialect())["update"].sql
+    # No localtime conversion per row for the arrival; FechaActualizacion keeps the database's now.
+    assert sql.count("datetime(") == 1 and "printf" not in sql
+    connection = sqlite3.connect(":memory:")
+    try:
+        for zone in ("America/Argentina/Buenos_Aires", "Europe/Madrid", "UTC"):
+            monkeypatch.setenv("TZ", zone)
+            time.tzset()
+            # Either side of Madrid's change to summer time, and a fraction of a second (truncated).
+            for epoch in (1711846799.9, 1711846800.0, 1764500000.5):
+                query = "SELECT datetime(?, 'unixepoch', 'localtime')"
+                (expected,) = connection.execute(query, (int(epoch),)).fetchone()
+                assert sqlite_local_time(epoch) == expected, zone
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+        connection.close()

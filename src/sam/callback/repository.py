@@ -7,6 +7,7 @@ import enum
 import logging
 import re
 import sqlite3
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.dialects import mssql, postgresql
+from sqlalchemy.dialects import mssql, postgresql, sqlite
 from sqlalchemy.engine import URL, Dialect, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.compiler import compiles
@@ -114,14 +115,18 @@ ejecuciones = Table(
 
 
 class arrival(FunctionElement[Any]):  # noqa: N801 - reads like the SQL function it renders
-    """The moment a callback arrived on the database's clock: its now minus the seconds waited."""
+    """The moment a callback arrived on the database's clock: its now minus the seconds waited.
+
+    Two binds: the seconds waited, for a server with a clock of its own, and the local time of
+    arrival as text, for SQLite, whose clock is this process's own.
+    """
 
     type = DateTime()
     inherit_cache = True
 
 
 def _waited(element: arrival, compiler: Any, **kw: Any) -> str:
-    (waited,) = list(element.clauses)
+    waited, _local = list(element.clauses)
     return str(compiler.process(waited, **kw))
 
 
@@ -143,8 +148,16 @@ def _arrival_postgresql(element: arrival, compiler: Any, **kw: Any) -> str:
 
 @compiles(arrival, "sqlite")
 def _arrival_sqlite(element: arrival, compiler: Any, **kw: Any) -> str:
-    # printf, not string concatenation: a float such as 1e-05 would make an invalid modifier.
-    return f"datetime('now', 'localtime', printf('-%.3f seconds', {_waited(element, compiler, **kw)}))"
+    # The embedded database reads the same clock as this process: the arrival is computed here,
+    # in datetime('now', 'localtime')'s format. Evaluated in SQL, the statement ran SQLite's
+    # localtime conversion five times per row, the largest cost the arrival added to a callback.
+    _waited_bind, local = list(element.clauses)
+    return str(compiler.process(local, **kw))
+
+
+def sqlite_local_time(epoch: float) -> str:
+    """`epoch` as SQLite's datetime('now', 'localtime') writes it: local time, whole seconds."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
 
 
 def guarded_update(final_states: Iterable[str]) -> Any:
@@ -153,7 +166,7 @@ def guarded_update(final_states: Iterable[str]) -> Any:
     # One bind parameter per final state (not an expanding IN) so the statement compiles once
     # to plain SQL that the hot path executes on the driver cursor.
     finals = [bindparam(f"final_{i}", state, type_=Unicode(20)) for i, state in enumerate(sorted(final_states))]
-    arrived = arrival(bindparam("waited", type_=Float()))
+    arrived = arrival(bindparam("waited", type_=Float()), bindparam("arrived_local", type_=Unicode(19)))
     # A callback cannot end a run before it started: a row whose FechaInicio is later than the
     # arrival (clocks apart, a launcher that wrote late) ends at its start.
     received = case((t.c.FechaInicio > arrived, t.c.FechaInicio), else_=arrived)
@@ -209,6 +222,10 @@ def compile_statements(
     final_states: Iterable[str], dialect: Dialect, schema: str | None = None
 ) -> dict[str, _Prepared]:
     """The hot-path statements as the given database will receive them."""
+    if dialect.name == "sqlite":
+        # pysqlite takes named parameters too; the arrival, written four times in the UPDATE,
+        # is then bound once instead of four times per callback.
+        dialect = sqlite.dialect(paramstyle="named")
     return {
         "update": _Prepared(guarded_update(final_states), dialect, schema),
         "lookup": _Prepared(lookup_state(), dialect, schema),
@@ -361,6 +378,10 @@ class Repository:
         statements = compile_statements(self.final_states, engine.dialect, schema)
         self._update = statements["update"]
         self._lookup = statements["lookup"]
+        # SQLite's clock is this process's: the arrival is bound as text (see `arrival`).
+        self._local_clock = engine.dialect.name == "sqlite"
+        self._local_second = -1
+        self._local_text = ""
 
     def apply_many(self, callbacks: Sequence[Callback], waited: Sequence[float] | None = None) -> list[Outcome]:
         """Record callbacks in one transaction, in order; raise DBAPIError when the database refuses.
@@ -385,12 +406,24 @@ class Repository:
                 raise self._wrapped(conn, exc) from exc
 
     def _update_params(self, callback: Callback, waited: float) -> Any:
+        waited = max(0.0, float(waited))
+        if self._local_clock:
+            return self._update.params(
+                deployment_id=callback.deployment_id,
+                new_status=callback.status,
+                raw=callback.raw,
+                arrived_local=self._local_time(time.time() - waited),
+            )
         return self._update.params(
-            deployment_id=callback.deployment_id,
-            new_status=callback.status,
-            raw=callback.raw,
-            waited=max(0.0, float(waited)),
+            deployment_id=callback.deployment_id, new_status=callback.status, raw=callback.raw, waited=waited
         )
+
+    def _local_time(self, epoch: float) -> str:
+        # One text per second, shared by every callback of that second.
+        second = int(epoch)
+        if second != self._local_second:
+            self._local_second, self._local_text = second, sqlite_local_time(second)
+        return self._local_text
 
     def _lookup_params(self, callback: Callback) -> Any:
         return self._lookup.params(deployment_id=callback.deployment_id)
