@@ -6,6 +6,7 @@ import json
 import logging
 import logging.handlers
 import re
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -270,3 +271,20 @@ def test_bad_percent_format_stops_the_start_with_one_line(tmp_path: Path) -> Non
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error de configuración: LOG_FORMATO/LOG_FORMAT:"), lines
     assert "campo_inexistente" in lines[0]
+
+
+@pytest.mark.parametrize("log_format", ["text", "json", "%(asctime)s|%(message)s"])
+def test_every_line_carries_its_own_second(make_settings: Callable[..., Settings], log_format: str) -> None:
+    """Lines of one second share its timestamp; the next second's line shows the next second."""
+    from sam.callback.logs import make_formatter
+
+    formatter = make_formatter(make_settings(log_format=log_format, log_date_format="%d/%m/%Y %H:%M:%S"))
+    base = 1764500000.0
+    for created in (base + 0.1, base + 0.9, base + 1.0, base + 0.5, base + 61.2):
+        record = logging.LogRecord("sam.callback", logging.INFO, "", 0, "hola", None, None)
+        record.created = created
+        record.request_id = "-"
+        expected = time.strftime("%d/%m/%Y %H:%M:%S", time.localtime(created))
+        text = formatter.format(record)
+        shown = json.loads(text)["time"] if log_format == "json" else text.split(" - ")[0].split("|")[0]
+        assert shown == expected, created

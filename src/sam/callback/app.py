@@ -70,12 +70,14 @@ class CallbackDispatcher:
         if scope["type"] != "http":
             await self.api(scope, receive, send)
             return
-        request_id = request_id_from(dict(scope["headers"]).get(b"x-request-id"))
+        headers = dict(scope["headers"])
+        request_id = request_id_from(headers.get(b"x-request-id"))
         request_id_var.set(request_id)
         if scope["path"].rstrip("/") == self.path:
             # The endpoint writes its answers' headers itself, X-Request-ID among them: a send
-            # wrapper on the hot path would cost more than the header does.
-            await self.endpoint(scope, receive, send, request_id)
+            # wrapper on the hot path would cost more than the header does. It reads the
+            # headers from the dict built here, not from a second one.
+            await self.endpoint(scope, receive, send, request_id, headers)
         else:
             # Outside FastAPI's ServerErrorMiddleware, so its 500 answers are tagged too.
             await self.api(scope, receive, _tagging(send, request_id))

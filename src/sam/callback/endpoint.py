@@ -42,9 +42,10 @@ class CallbackEndpoint:
         self.max_body = runtime.settings.max_body_bytes
         self.body_timeout = runtime.settings.body_timeout_seconds
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
-        """Answer one callback request, named `request_id` by the dispatcher."""
-        headers = dict(scope["headers"])
+    async def __call__(
+        self, scope: Scope, receive: Receive, send: Send, request_id: str, headers: dict[bytes, bytes]
+    ) -> None:
+        """Answer one callback request, named `request_id` by the dispatcher; `headers` are its headers."""
         started = time.perf_counter()
         peer = scope["client"][0] if scope.get("client") else "-"
         client = peer
