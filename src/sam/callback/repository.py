@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import operator
 import re
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -207,15 +208,29 @@ class _Prepared:
             options = {"schema_translate_map": {None: schema}, "render_schema_translate": True}
         compiled = statement.compile(dialect=dialect, **options)
         self.sql = str(compiled)
+        if dialect.paramstyle == "numeric":
+            # SQLite's numbered parameters: "?1" written four times is bound once. (":1" would be
+            # a named parameter, which Python 3.14's sqlite3 refuses to bind from a sequence.)
+            self.sql = _NUMERIC_PARAMETER.sub(r"?\1", self.sql)
         self.fixed = {key: value for key, value in compiled.params.items() if value is not None}
         self.order = list(compiled.positiontup or []) if compiled.positional else None
+        # itemgetter builds the driver's tuple in C; with one name it would return the bare value.
+        self._pick: Callable[[dict[str, Any]], Any] | None = None
+        if self.order is not None:
+            self._pick = operator.itemgetter(*self.order) if len(self.order) > 1 else _one(self.order[0])
 
     def params(self, **values: Any) -> Any:
         """Driver parameters in the dialect's paramstyle."""
         merged = self.fixed | values
-        if self.order is not None:
-            return tuple(merged[name] for name in self.order)
-        return merged
+        return merged if self._pick is None else self._pick(merged)
+
+
+def _one(name: str) -> Callable[[dict[str, Any]], tuple[Any]]:
+    return lambda values: (values[name],)
+
+
+# ":7" as SQLAlchemy's numeric paramstyle writes it, never inside a quoted literal in our statements.
+_NUMERIC_PARAMETER = re.compile(r"(?<![\w:']):(\d+)\b")
 
 
 def compile_statements(
@@ -223,9 +238,9 @@ def compile_statements(
 ) -> dict[str, _Prepared]:
     """The hot-path statements as the given database will receive them."""
     if dialect.name == "sqlite":
-        # pysqlite takes named parameters too; the arrival, written four times in the UPDATE,
-        # is then bound once instead of four times per callback.
-        dialect = sqlite.dialect(paramstyle="named")
+        # Numbered parameters: the arrival, written four times in the UPDATE, is bound once per
+        # callback instead of four times (and without named parameters' lookups by name).
+        dialect = sqlite.dialect(paramstyle="numeric")
     return {
         "update": _Prepared(guarded_update(final_states), dialect, schema),
         "lookup": _Prepared(lookup_state(), dialect, schema),
