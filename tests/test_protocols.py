@@ -39,6 +39,7 @@ class FakeTransport:
 
     def __init__(self) -> None:
         self.buffer = b""
+        self.writes: list[bytes] = []
         self.closed = False
         self.read_paused = False
 
@@ -48,6 +49,7 @@ class FakeTransport:
     def write(self, data: bytes) -> None:
         assert not self.closed, "written after close"
         self.buffer += data
+        self.writes.append(bytes(data))
 
     def close(self) -> None:
         self.closed = True
@@ -335,6 +337,67 @@ def test_a_pipelined_head_after_a_large_body_is_not_taken_for_a_large_head(
         assert got == [(200, "updated"), (200, "updated")]
 
     run(settings, scenario)
+
+
+# One send per callback answer
+
+
+def test_a_callback_answer_leaves_in_one_write(make_settings: Callable[..., Settings]) -> None:
+    """Head and body of a callback's answer go out together: one send() instead of two."""
+    settings = make_settings()
+    insert_run(settings.resolved_database_url(), "junto")
+
+    async def scenario(protocol: HttpToolsProtocol, transport: FakeTransport, loop: FakeLoop) -> None:
+        protocol.data_received(request("junto"))
+        await loop.run_requests()
+        assert len(transport.writes) == 1
+        assert [(status, body["code"]) for status, body in answers(transport.take())] == [(200, "updated")]
+
+    run(settings, scenario)
+
+
+def test_a_bodiless_answer_and_other_paths_are_not_held(make_settings: Callable[..., Settings]) -> None:
+    """HEAD on the callback path (no body is written) and other paths still get their whole answer."""
+    settings = make_settings()
+    head = b"HEAD /api/callback HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    health = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+    async def scenario(protocol: HttpToolsProtocol, transport: FakeTransport, loop: FakeLoop) -> None:
+        protocol.data_received(head)
+        await loop.run_requests()
+        answer = transport.take()
+        assert answer.startswith(b"HTTP/1.1 405 ") and answer.endswith(b"\r\n\r\n")
+        protocol.data_received(health)
+        await loop.run_requests()
+        assert answers(transport.take())[0][0] == 200
+
+    run(settings, scenario)
+
+
+def test_100_continue_is_not_held_back(make_settings: Callable[..., Settings]) -> None:
+    """A client that waits for "100 Continue" gets it before it sends the body; the answer follows."""
+    settings = make_settings()
+    insert_run(settings.resolved_database_url(), "espera")
+    head, _, body = request("espera", extra=b"Expect: 100-continue\r\n").partition(b"\r\n\r\n")
+
+    async def scenario(protocol: HttpToolsProtocol, transport: FakeTransport, loop: FakeLoop) -> None:
+        protocol.data_received(head + b"\r\n\r\n")
+        task = asyncio.ensure_future(loop.run_requests())
+        await wait_until(lambda: transport.buffer.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"))
+        transport.take()
+        protocol.data_received(body)
+        await task
+        assert [(status, body["code"]) for status, body in answers(transport.take())] == [(200, "updated")]
+
+    run(settings, scenario)
+
+
+async def wait_until(condition: Callable[[], bool], seconds: float = 10.0) -> None:
+    """Let the event loop run until `condition` holds (fails after `seconds`)."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "no llegó a cumplirse"
+        await asyncio.sleep(0)
 
 
 # Oversized heads: every case gets its 431

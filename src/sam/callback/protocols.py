@@ -52,6 +52,102 @@ class _HeadTooLarge(Exception):
     """Raised from a parser callback to stop httptools; uvicorn then calls send_400_response."""
 
 
+class HeldHeadTransport(asyncio.Transport):
+    """The connection's transport, able to hold a response head until its body is written.
+
+    uvicorn writes a response's head and its body with two `write` calls, two `send` system
+    calls. For the callback path, whose body always follows at once, the head waits for it and
+    both leave in one. Everything else passes straight through; a held head is written before
+    anything else happens to the connection (close, end of the response).
+    """
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        super().__init__()
+        self.transport = transport
+        self.hold_next_head = False
+        self._held: bytes | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Write `data`, after the held head if there is one; hold it if it is the head to hold."""
+        if self._held is not None:
+            data, self._held = self._held + data, None
+        elif self.hold_next_head and isinstance(data, bytes) and not data.startswith(b"HTTP/1.1 100 "):
+            # "100 Continue" is not the head: the client waits for it before sending the body.
+            self.hold_next_head = False
+            self._held = bytes(data)
+            return
+        self.transport.write(data)
+
+    def flush(self) -> None:
+        """Write the held head now."""
+        if self._held is not None:
+            held, self._held = self._held, None
+            self.transport.write(held)
+
+    def writelines(self, list_of_data: Any) -> None:
+        """Write the pieces as one."""
+        self.write(b"".join(list_of_data))
+
+    def write_eof(self) -> None:
+        """Flush, then half-close."""
+        self.flush()
+        self.transport.write_eof()
+
+    def can_write_eof(self) -> bool:
+        """As the real transport."""
+        return self.transport.can_write_eof()
+
+    def close(self) -> None:
+        """Flush, then close."""
+        self.flush()
+        self.transport.close()
+
+    def abort(self) -> None:
+        """Close at once, dropping what is held."""
+        self._held = None
+        self.transport.abort()
+
+    def is_closing(self) -> bool:
+        """As the real transport."""
+        return self.transport.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        """As the real transport (peer and socket addresses, TLS)."""
+        return self.transport.get_extra_info(name, default)
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        """As the real transport."""
+        self.transport.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        """As the real transport."""
+        return self.transport.get_protocol()
+
+    def pause_reading(self) -> None:
+        """As the real transport."""
+        self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        """As the real transport."""
+        self.transport.resume_reading()
+
+    def is_reading(self) -> bool:
+        """As the real transport."""
+        return self.transport.is_reading()
+
+    def get_write_buffer_size(self) -> int:
+        """The real transport's buffer plus the held head."""
+        return self.transport.get_write_buffer_size() + (len(self._held) if self._held is not None else 0)
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        """As the real transport."""
+        return self.transport.get_write_buffer_limits()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        """As the real transport."""
+        self.transport.set_write_buffer_limits(high, low)
+
+
 class HeadLimitedProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with a deadline and a size limit on request heads.
 
@@ -98,8 +194,8 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         self._stopping = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Start the header deadline with the connection."""
-        super().connection_made(transport)  # type: ignore[arg-type]
+        """Start the header deadline with the connection; uvicorn writes through `HeldHeadTransport`."""
+        super().connection_made(HeldHeadTransport(transport))  # type: ignore[arg-type]
         self._head_since = self.loop.time()
         self._deadline = self.loop.call_later(self.header_timeout, self._header_deadline_expired)
 
@@ -150,6 +246,7 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         if self.cycle is not cycle:
             if self.cycle.scope["path"].rstrip("/") == self.quiet_path:
                 self.cycle.access_log = False
+                self.transport.hold_next_head = True  # type: ignore[attr-defined]
             if self._stopping:
                 # The service is stopping: answer this request, then close the connection.
                 self.cycle.keep_alive = False
@@ -174,6 +271,8 @@ class HeadLimitedProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         """uvicorn's own handling, then the next head is awaited from now."""
+        # A response without a body write (HEAD) leaves its head held: it goes now.
+        self.transport.flush()  # type: ignore[attr-defined]
         super().on_response_complete()
         cycle = self.cycle
         if not self.transport.is_closing() and (cycle is None or cycle.response_complete):
