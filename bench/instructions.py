@@ -165,19 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         service_dir.mkdir()
         url = bench.prefill_sqlite(service_dir / "sam.db", args.rows)
         args.port = bench.free_port()
-        env = {
-            k: v for k, v in os.environ.items() if not k.startswith(("CALLBACK_", "SAM_", "SQL_SAM_", "JWT_", "LOG_"))
-        }
-        env |= {
-            "SAM_DATABASE_URL": url,
-            "CALLBACK_SPOOL_PATH": str(service_dir / "spool" / "spool.db"),
-            "CALLBACK_TOKEN": bench.TOKEN,
-            "CALLBACK_SERVER_HOST": "127.0.0.1",
-            "CALLBACK_SERVER_PORT": str(args.port),
-            "CALLBACK_ENDPOINT_PATH": bench.CALLBACK_PATH,
-            "LOG_DIRECTORY": str(service_dir / "logs"),
-            "LOG_LEVEL": "INFO",
-        }
+        env = bench.service_environment(url, service_dir, args.port)
         service = measure(
             "sam-callback (sqlite)", [args.python, "-m", "sam.callback"], env, service_dir,
             path=bench.CALLBACK_PATH, ready=f"http://127.0.0.1:{args.port}/health", args=args,

@@ -304,6 +304,21 @@ def measure_ceiling(work: Path, options: LoadOptions) -> Measurement:
     return measurement
 
 
+def service_environment(url: str, folder: Path, port: int) -> dict[str, str]:
+    """The service's configuration for a run: this environment without any of its own settings, plus these."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CALLBACK_", "SAM_", "SQL_SAM_", "JWT_", "LOG_"))}
+    return env | {
+        "SAM_DATABASE_URL": url,
+        "CALLBACK_SPOOL_PATH": str(folder / "spool" / "spool.db"),
+        "CALLBACK_TOKEN": TOKEN,
+        "CALLBACK_SERVER_HOST": "127.0.0.1",
+        "CALLBACK_SERVER_PORT": str(port),
+        "CALLBACK_ENDPOINT_PATH": CALLBACK_PATH,
+        "LOG_DIRECTORY": str(folder / "logs"),
+        "LOG_LEVEL": "INFO",
+    }
+
+
 def measure_service(work: Path, db: str, options: LoadOptions) -> Measurement:
     """Start sam-callback the real way on a pre-filled database, drive it, count what it wrote."""
     folder = work / db
@@ -313,17 +328,7 @@ def measure_service(work: Path, db: str, options: LoadOptions) -> Measurement:
     prefill_seconds = time.perf_counter() - started
     port = free_port()
     spool = folder / "spool" / "spool.db"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CALLBACK_", "SAM_", "SQL_SAM_", "JWT_", "LOG_"))}
-    env |= {
-        "SAM_DATABASE_URL": url,
-        "CALLBACK_SPOOL_PATH": str(spool),
-        "CALLBACK_TOKEN": TOKEN,
-        "CALLBACK_SERVER_HOST": "127.0.0.1",
-        "CALLBACK_SERVER_PORT": str(port),
-        "CALLBACK_ENDPOINT_PATH": CALLBACK_PATH,
-        "LOG_DIRECTORY": str(folder / "logs"),
-        "LOG_LEVEL": "INFO",
-    }
+    env = service_environment(url, folder, port)
     log = folder / "server.out"
     try:
         with log.open("wb") as sink:
