@@ -422,15 +422,10 @@ class Repository:
 
     def _update_params(self, callback: Callback, waited: float) -> Any:
         waited = max(0.0, float(waited))
-        if self._local_clock:
-            return self._update.params(
-                deployment_id=callback.deployment_id,
-                new_status=callback.status,
-                raw=callback.raw,
-                arrived_local=self._local_time(time.time() - waited),
-            )
+        # The arrival in the form the statement renders for this dialect (see `arrival`).
+        clock = {"arrived_local": self._local_time(time.time() - waited)} if self._local_clock else {"waited": waited}
         return self._update.params(
-            deployment_id=callback.deployment_id, new_status=callback.status, raw=callback.raw, waited=waited
+            deployment_id=callback.deployment_id, new_status=callback.status, raw=callback.raw, **clock
         )
 
     def _local_time(self, epoch: float) -> str:
