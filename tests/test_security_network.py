@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -13,7 +14,7 @@ from fastapi.testclient import TestClient
 from sam.callback.app import create_app
 from sam.callback.auth import FailureThrottle
 from sam.callback.settings import Settings
-from tests.utils import auth_headers
+from tests.utils import auth_headers, wait_for
 
 BODY = b'{"deploymentId":"red","status":"RUN_COMPLETED"}'
 PROXY = "192.0.2.8"
@@ -123,15 +124,35 @@ def test_throttle_can_be_switched_off(service: Callable[..., Any]) -> None:
 def test_throttled_failures_are_summarised_not_logged_one_by_one(
     make_settings: Callable[..., Settings],
 ) -> None:
-    """A flood of failures writes a bounded number of log lines."""
+    """A flood of failures writes a bounded number of log lines, and the summaries count every 429."""
     settings = make_settings(auth_failures_limit=2)
     app = create_app(settings)
     with TestClient(app, client=("203.0.113.66", 1)) as attacker:
-        for _ in range(200):
-            post(attacker, {"X-Authorization": "adivina"})
+        answers = [post(attacker, {"X-Authorization": "adivina"}).status_code for _ in range(200)]
     log_text = settings.log_file.read_text(encoding="utf-8")
     assert log_text.count("Autenticación fallida") == 2
-    assert log_text.count("limitados (429)") == 1
+    summaries = re.findall(r"limitados \(429\) desde el último resumen: (\d+); 203\.0\.113\.66=(\d+)", log_text)
+    # The first at once, the rest when the service stops (or when the minute is over).
+    assert len(summaries) == 2
+    assert sum(int(total) for total, _ in summaries) == answers.count(429) == 198
+
+
+def test_throttled_failures_are_summed_up_when_the_minute_is_over(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """Failures after the first of a minute reach the log without waiting for another failure."""
+    settings = make_settings(auth_failures_limit=1)
+    app = create_app(settings)
+    app.state.runtime.throttle_summary_seconds = 0.2
+    with TestClient(app, client=("203.0.113.67", 1)) as attacker:
+        answers = [post(attacker, {"X-Authorization": "adivina"}).status_code for _ in range(10)]
+        assert answers.count(429) == 9
+
+        def summed_up() -> bool:
+            return "desde el último resumen: 8; 203.0.113.67=8" in settings.log_file.read_text(encoding="utf-8")
+
+        wait_for(summed_up, timeout=10, what="el resumen de los 429")
+        assert "desde el último resumen: 1; 203.0.113.67=1" in settings.log_file.read_text(encoding="utf-8")
 
 
 def test_throttle_memory_is_bounded_whatever_the_number_of_addresses() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -63,7 +64,9 @@ class Runtime:
     logging_handle: LoggingHandle | None = None
     reloader: CredentialReloader | None = None
     throttled_since_log: dict[str, int] = field(default_factory=dict)
-    last_throttle_log: float = 0.0
+    # How often throttled failures are summed up in the log (SPEC 3: counted, not logged one by one).
+    throttle_summary_seconds: float = 60.0
+    _throttle_timer: asyncio.TimerHandle | None = None
 
     @classmethod
     def build(cls, settings: Settings) -> Runtime:
@@ -161,6 +164,7 @@ class Runtime:
         if self.recorder_ is not None:
             self.recorder_.stop()
             self.recorder_ = None
+        self.log_throttled()
         self.alerts.stop()
         self.spool.close()
         self.rejected.close()
@@ -186,11 +190,38 @@ class Runtime:
         self.alerts.rejected(deployment_id=deployment_id, reason=reason, client=client, request_id=request_id, seq=seq)
 
     def note_throttled(self, client: str) -> None:
-        """Count a throttled failure; log a summary at most once a minute instead of each one."""
-        self.throttled_since_log[client] = self.throttled_since_log.get(client, 0) + 1
-        now = time.monotonic()
-        if now - self.last_throttle_log >= 60 or len(self.throttled_since_log) > 1000:
-            summary = ", ".join(f"{addr}={count}" for addr, count in sorted(self.throttled_since_log.items())[:20])
-            log.warning("Fallos de autenticación limitados (429) en el último minuto: %s", summary)
-            self.throttled_since_log.clear()
-            self.last_throttle_log = now
+        """Count a throttled failure: the first of a minute is logged at once, the rest summed up when it ends."""
+        counts = self.throttled_since_log
+        counts[client] = counts.get(client, 0) + 1
+        if self._throttle_timer is not None:
+            if len(counts) > 1000:  # bounded memory, whatever the number of addresses
+                self.log_throttled()
+            return
+        self.log_throttled()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # called outside the event loop: every call logs its own count
+            return
+        self._throttle_timer = loop.call_later(self.throttle_summary_seconds, self._throttle_minute_over)
+
+    def _throttle_minute_over(self) -> None:
+        self._throttle_timer = None
+        if self.throttled_since_log:
+            # Failures went on during the minute: sum them up, and keep summing while they last.
+            self.log_throttled()
+            loop = asyncio.get_running_loop()
+            self._throttle_timer = loop.call_later(self.throttle_summary_seconds, self._throttle_minute_over)
+
+    def log_throttled(self) -> None:
+        """Log the throttled failures counted since the last summary, per address, and start again."""
+        counts = self.throttled_since_log
+        if not counts:
+            return
+        shown = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:20]
+        summary = ", ".join(f"{address}={count}" for address, count in shown)
+        if len(counts) > len(shown):
+            summary += f" y {len(counts) - len(shown)} direcciones más"
+        log.warning(
+            "Fallos de autenticación limitados (429) desde el último resumen: %d; %s", sum(counts.values()), summary
+        )
+        counts.clear()
