@@ -272,6 +272,20 @@ def test_deployment_id_of_50_characters_is_recorded_and_51_is_refused(api: TestC
     assert api.get("/ready").json()["spool"]["backlog"] == 0
 
 
+def test_400_details_name_every_broken_field_at_once(api: TestClient) -> None:
+    """A type error in one field does not hide the length of another; a fractional id says what is allowed."""
+    both = post(api, {"deploymentId": "d" * 60, "status": 7}).json()
+    assert [detail["field"] for detail in both["details"]] == ["deploymentId", "status"]
+    fraction = post(api, {"deploymentId": "d" * 60, "status": "RUN_COMPLETED", "deviceId": 1.5}).json()
+    assert fraction["details"] == [
+        {
+            "field": "deploymentId",
+            "problem": "debe tener entre 1 y 50 caracteres (la columna DeploymentId es nvarchar(50))",
+        },
+        {"field": "deviceId", "problem": "debe ser un número entero o una cadena"},
+    ]
+
+
 def test_openapi_states_the_50_character_bound(api: TestClient) -> None:
     schema = api.get("/openapi.json").json()["components"]["schemas"]["CallbackPayload"]["properties"]["deploymentId"]
     assert "1..50" in schema["description"] and "{0,48}" in schema["pattern"]

@@ -175,6 +175,8 @@ def _skip_space(text: str, index: int) -> int:
     return index
 
 
+_NUMERIC_IDS = ("deviceId", "userId")
+_FIELD_ORDER = ("deploymentId", "status", *_NUMERIC_IDS, "botOutput")
 _MESSAGES = {
     "missing": "campo obligatorio",
     "string_type": "debe ser una cadena de texto",
@@ -209,6 +211,49 @@ def _rejected(details: list[dict[str, Any]], value: dict[str, Any]) -> PayloadEr
     )
 
 
+def _text_problems(deployment_id: str | None, status: str | None) -> dict[str, str]:
+    """The rules of SPEC 2.1 for the two stored strings (already trimmed and upper-cased); None is not checked."""
+    problems: dict[str, str] = {}
+    if deployment_id is not None:
+        if not 1 <= len(deployment_id) <= DEPLOYMENT_ID_MAX:
+            problems["deploymentId"] = (
+                f"debe tener entre 1 y {DEPLOYMENT_ID_MAX} caracteres"
+                f" (la columna DeploymentId es nvarchar({DEPLOYMENT_ID_MAX}))"
+            )
+        elif _FORBIDDEN.search(deployment_id):
+            problems["deploymentId"] = "contiene caracteres de control no permitidos"
+    if status is not None:
+        if not 1 <= len(status) <= STATUS_MAX:
+            problems["status"] = f"debe tener entre 1 y {STATUS_MAX} caracteres (la columna Estado es nvarchar({STATUS_MAX}))"
+        elif _FORBIDDEN.search(status):
+            problems["status"] = "contiene caracteres de control no permitidos"
+    return problems
+
+
+def _details(problems: dict[str, str]) -> list[dict[str, Any]]:
+    return [{"field": field, "problem": problem} for field, problem in problems.items()]
+
+
+def _invalid(exc: ValidationError, value: dict[str, Any]) -> PayloadError:
+    """Every problem of a body the model refused: its type errors and the rules the other fields break."""
+    problems: dict[str, str] = {}
+    for error in exc.errors(include_url=False, include_input=False):
+        field = str(error["loc"][0]) if error["loc"] else "body"
+        if field in _NUMERIC_IDS:
+            problems.setdefault(field, _MESSAGES["int_type"])
+        else:
+            problems.setdefault(field, _MESSAGES.get(error["type"], "valor no válido"))
+    # A field with the right type still has its own rules: report them in the same answer.
+    deployment_id, status = value.get("deploymentId"), value.get("status")
+    checked = _text_problems(
+        deployment_id.strip() if isinstance(deployment_id, str) and "deploymentId" not in problems else None,
+        _upper_same_length(status.strip()) if isinstance(status, str) and "status" not in problems else None,
+    )
+    ordered = {field: problems.get(field) or checked.get(field) for field in _FIELD_ORDER}
+    ordered = {field: problem for field, problem in ordered.items() if problem}
+    return _rejected(_details(ordered | problems), value)
+
+
 def parse_callback(body: bytes) -> Callback:
     """Validate a body against SPEC 2.1 and return the callback to record."""
     raw, value = decode_body(body)
@@ -219,32 +264,14 @@ def parse_callback(body: bytes) -> Callback:
     try:
         payload = CallbackPayload.model_validate(value)
     except ValidationError as exc:
-        problems: list[dict[str, Any]] = []
-        for error in exc.errors(include_url=False, include_input=False):
-            field = str(error["loc"][0]) if error["loc"] else "body"
-            if not any(d["field"] == field for d in problems):
-                problems.append({"field": field, "problem": _MESSAGES.get(error["type"], "valor no válido")})
-        raise _rejected(problems, value) from None
-    details: list[dict[str, Any]] = []
+        raise _invalid(exc, value) from None
     deployment_id = payload.deploymentId.strip()
     status = _upper_same_length(payload.status.strip())
-    if not 1 <= len(deployment_id) <= DEPLOYMENT_ID_MAX:
-        details.append(
-            {
-                "field": "deploymentId",
-                "problem": f"debe tener entre 1 y {DEPLOYMENT_ID_MAX} caracteres (la columna DeploymentId es nvarchar({DEPLOYMENT_ID_MAX}))",
-            }
-        )
-    elif _FORBIDDEN.search(deployment_id):
-        details.append({"field": "deploymentId", "problem": "contiene caracteres de control no permitidos"})
-    if not 1 <= len(status) <= STATUS_MAX:
-        details.append({"field": "status", "problem": f"debe tener entre 1 y {STATUS_MAX} caracteres"})
-    elif _FORBIDDEN.search(status):
-        details.append({"field": "status", "problem": "contiene caracteres de control no permitidos"})
+    problems = _text_problems(deployment_id, status)
     if ("\\u0000" in raw and _NUL_ESCAPE.search(raw)) or (_SURROGATE_ESCAPE.search(raw) and not _encodable(value)):
-        details.append({"field": "body", "problem": "contiene caracteres nulos o sustitutos UTF-16 sueltos"})
-    if details:
-        raise _rejected(details, value)
+        problems["body"] = "contiene caracteres nulos o sustitutos UTF-16 sueltos"
+    if problems:
+        raise _rejected(_details(problems), value)
     return Callback(deployment_id=deployment_id, status=status, raw=raw)
 
 
