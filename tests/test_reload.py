@@ -160,6 +160,25 @@ def test_a_new_key_file_is_taken_and_no_callback_is_refused_meanwhile(
     assert "JWT_CLAVE_PUBLICA" in _log(tmp_path)
 
 
+def test_a_key_file_broken_by_an_edit_keeps_the_key_in_force(
+    tmp_path: Path, make_server: Callable[..., ServerProcess], keys: Keys
+) -> None:
+    """Mode optional with a token starts on an unusable key; a working key broken later is a broken edit."""
+    key_file = tmp_path / "gateway.pem"
+    key_file.write_text(keys.public_pem, encoding="utf-8")
+    server = make_server(f"CALLBACK_TOKEN={OLD}\nJWT_PUBLIC_KEY={key_file}\n").start()
+    insert_run(server.env["SAM_DATABASE_URL"], "dep-key-1")
+    insert_run(server.env["SAM_DATABASE_URL"], "dep-key-2")
+    assert _post(server, "dep-key-1", {"Authorization": f"Bearer {keys.token()}"}) == 200
+    _edit(key_file, "esto no es una clave\n")
+    wait_for(
+        lambda: "se mantienen las vigentes" in _log(tmp_path), timeout=15, what="el error de la clave rota"
+    )
+    assert "ERROR" in next(line for line in _log(tmp_path).splitlines() if "se mantienen las vigentes" in line)
+    assert _post(server, "dep-key-2", {"Authorization": f"Bearer {keys.token()}"}) == 200
+    assert "Credenciales recargadas" not in _log(tmp_path)
+
+
 def test_every_worker_takes_the_new_token(tmp_path: Path, make_server: Callable[..., ServerProcess]) -> None:
     server = make_server(f"CALLBACK_TOKEN={OLD}\n", CALLBACK_SERVER_WORKERS="2").start()
     _edit(tmp_path / ".env", f"CALLBACK_TOKEN={NEW}\n")

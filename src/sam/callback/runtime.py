@@ -16,7 +16,7 @@ from .recorder import Recorder, RecorderEvents
 from .rejected import RejectedStore
 from .reload import CredentialReloader
 from .repository import Repository, display_url, make_engine
-from .settings import Settings, load_settings
+from .settings import ConfigError, Settings, load_settings
 from .spool import Spool, SpoolError, SpoolStats
 
 log = logging.getLogger("sam.callback")
@@ -149,6 +149,10 @@ class Runtime:
     def apply_credentials(self, settings: Settings) -> None:
         """Swap in the authenticator and allowlist of `settings`; ConfigError leaves the old ones."""
         authenticator = Authenticator(settings)
+        if authenticator.warnings and not self.authenticator.warnings:
+            # Mode optional starts with an unusable key as a warning; a working key broken by an
+            # edit is a broken edit (SPEC 11): the key in force stays.
+            raise ConfigError(authenticator.warnings)
         resolver = ClientAddressResolver(
             allowed=settings.allowed_networks, trusted_proxies=settings.trusted_proxy_networks
         )
