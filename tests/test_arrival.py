@@ -79,6 +79,33 @@ def test_every_status_ends_the_run_at_arrival_on_postgresql(pg_url: str) -> None
     _check_every_status_ends_the_run(pg_url, lambda: _pg_now(pg_url))
 
 
+def test_sqlite_compares_a_start_written_with_a_t_as_a_time_not_as_text(tmp_path: Path) -> None:
+    """'2026-11-30T00:00:00' is a datetime SQLite reads; compared as text it would sort after the arrival."""
+    url = f"sqlite:///{(tmp_path / 'sam.db').as_posix()}"
+    started = (datetime.now() - timedelta(hours=2)).replace(microsecond=0)
+    insert_run(url, "con-t", "RUNNING")
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text('UPDATE "Ejecuciones" SET "FechaInicio" = :start WHERE "DeploymentId" = \'con-t\''),
+            {"start": started.isoformat()},
+        )
+    engine.dispose()
+    before = _sqlite_now()
+    assert _apply(url, Callback("con-t", "RUN_COMPLETED", "{}")) is Outcome.UPDATED
+    row = fetch_run(url, "con-t")
+    assert row is not None and before - TOLERANCE <= row["FechaFin"] <= _sqlite_now() + TOLERANCE
+
+
+def test_postgresql_arrival_is_whole_seconds_on_the_spooled_path_too(pg_url: str) -> None:
+    """A callback that waited 2.5 s ends the run at a whole second, as one that did not wait."""
+    insert_run(pg_url, "fraccion", "RUNNING", FechaInicio=_pg_now(pg_url) - timedelta(hours=1))
+    assert _apply(pg_url, Callback("fraccion", "RUN_COMPLETED", "{}"), waited=2.5) is Outcome.UPDATED
+    row = fetch_run(pg_url, "fraccion")
+    assert row is not None
+    assert row["FechaFin"].microsecond == 0 and row["FechaInicioReal"].microsecond == 0
+
+
 def _wait_outage(now: Callable[[], datetime], arrived: datetime) -> None:
     """Keep the database away until its clock shows the outage lasted OUTAGE."""
     wait_for(lambda: now() >= arrived + OUTAGE, timeout=30, interval=0.2, what="duración del corte")

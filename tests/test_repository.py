@@ -67,7 +67,8 @@ def test_statements_are_parameterised_on_every_dialect() -> None:
 def test_postgresql_uses_sams_quoted_names() -> None:
     sql = compile_statements(FINALS, pg_psycopg.dialect())["update"].sql
     assert 'UPDATE "Ejecuciones" SET "FechaFin"=CASE' in sql and '"CallbackInfo"' in sql
-    assert "LOCALTIMESTAMP(0) - make_interval(secs => %(waited)s)" in sql
+    # Whole seconds, never rounded past the arrival.
+    assert "date_trunc('second', LOCALTIMESTAMP - make_interval(secs => %(waited)s))" in sql
 
 
 def test_init_db_tsql_matches_sams_table() -> None:
@@ -163,7 +164,7 @@ def test_sqlite_binds_the_arrival_in_its_own_clock_format(monkeypatch: pytest.Mo
     """On SQLite the arrival is bound as text, exactly as SQLite's localtime would write it."""
     sql = compile_statements(FINALS, sqlite_dialect.dialect())["update"].sql
     # No localtime conversion per row for the arrival; FechaActualizacion keeps the database's now.
-    assert sql.count("datetime(") == 1 and "printf" not in sql
+    assert sql.count("datetime('now', 'localtime')") == 1 and "printf" not in sql
     connection = sqlite3.connect(":memory:")
     try:
         for zone in ("America/Argentina/Buenos_Aires", "Europe/Madrid", "UTC"):

@@ -144,7 +144,8 @@ def _arrival_mssql(element: arrival, compiler: Any, **kw: Any) -> str:
 
 @compiles(arrival, "postgresql")
 def _arrival_postgresql(element: arrival, compiler: Any, **kw: Any) -> str:
-    return f"LOCALTIMESTAMP(0) - make_interval(secs => {_waited(element, compiler, **kw)})"
+    # Whole seconds, as on the direct path, and never after the arrival (no rounding up).
+    return f"date_trunc('second', LOCALTIMESTAMP - make_interval(secs => {_waited(element, compiler, **kw)}))"
 
 
 @compiles(arrival, "sqlite")
@@ -154,6 +155,28 @@ def _arrival_sqlite(element: arrival, compiler: Any, **kw: Any) -> str:
     # localtime conversion five times per row, the largest cost the arrival added to a callback.
     _waited_bind, local = list(element.clauses)
     return str(compiler.process(local, **kw))
+
+
+class comparable_time(FunctionElement[Any]):  # noqa: N801 - reads like the SQL it renders
+    """A datetime column as the database compares it with the arrival.
+
+    SQLite keeps datetimes as text and compares them as text: '2026-11-30T00:00:00' (a form
+    SQLite itself reads) sorts after '2026-11-30 10:00:00'. `datetime()` puts any of its forms
+    in the arrival's. Elsewhere the column has a real datetime type.
+    """
+
+    type = DateTime()
+    inherit_cache = True
+
+
+@compiles(comparable_time)
+def _comparable_default(element: comparable_time, compiler: Any, **kw: Any) -> str:
+    return str(compiler.process(element.clauses, **kw))
+
+
+@compiles(comparable_time, "sqlite")
+def _comparable_sqlite(element: comparable_time, compiler: Any, **kw: Any) -> str:
+    return f"datetime({compiler.process(element.clauses, **kw)})"
 
 
 def sqlite_local_time(epoch: float) -> str:
@@ -170,7 +193,7 @@ def guarded_update(final_states: Iterable[str]) -> Any:
     arrived = arrival(bindparam("waited", type_=Float()), bindparam("arrived_local", type_=Unicode(19)))
     # A callback cannot end a run before it started: a row whose FechaInicio is later than the
     # arrival (clocks apart, a launcher that wrote late) ends at its start.
-    received = case((t.c.FechaInicio > arrived, t.c.FechaInicio), else_=arrived)
+    received = case((comparable_time(t.c.FechaInicio) > arrived, t.c.FechaInicio), else_=arrived)
     return (
         update(t)
         .where(
