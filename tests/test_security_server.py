@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 from collections.abc import Callable
 
@@ -90,6 +91,28 @@ def test_oversized_heads_are_refused_cleanly(server: ServerProcess) -> None:
     assert not answer or status_of(answer) in (400, 431), answer[:300]
     assert_serving(server)
     assert "Traceback" not in server.console()
+
+
+def test_requests_the_parser_cannot_read_get_the_json_envelope(server: ServerProcess) -> None:
+    """A bad Content-Length, Content-Length with chunked, or no HTTP at all: a JSON 400, then the connection closes."""
+    body = b'{"deploymentId":"x","status":"RUN_COMPLETED"}'
+    broken = {
+        "bad_length": b"POST /api/callback HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n" + body,
+        "length_and_chunked": (
+            b"POST /api/callback HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" + body
+        ),
+        "garbage": b"GARBAGE\r\n\r\n",
+    }
+    for name, request in broken.items():
+        answer = exchange(server, request)
+        assert status_of(answer) == 400, (name, answer[:300])
+        head, _, payload = answer.partition(b"\r\n\r\n")
+        assert b"content-type: application/json" in head.lower() and b"connection: close" in head.lower(), name
+        envelope = json.loads(payload)
+        assert envelope["status"] == "ERROR" and envelope["code"] == "bad_request" and envelope["request_id"], name
+        assert head.lower().count(b"x-request-id: " + envelope["request_id"].encode()) == 1, name
+    assert_serving(server)
 
 
 def test_oversized_head_on_a_kept_alive_connection(server: ServerProcess) -> None:

@@ -25,6 +25,7 @@ class ResultCode(enum.StrEnum):
     PROBE = "probe"
     UNAUTHORIZED = "unauthorized"
     FORBIDDEN = "forbidden"
+    BAD_REQUEST = "bad_request"
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     REQUEST_TIMEOUT = "request_timeout"

@@ -24,6 +24,8 @@ BODY_RECEIVED = "sam.body_received"
 # What the protocol needs from the app for a refused head: given the limit in bytes, the
 # request id and the JSON body of the 431 answer.
 HeadTooLargeAnswer = Callable[[int], tuple[str, bytes]]
+# The request id and JSON body of the 400 answer to a request the HTTP parser cannot read.
+BadRequestAnswer = Callable[[], tuple[str, bytes]]
 
 # Every name of uvicorn's HttpToolsProtocol this module overrides, calls or reads, with the
 # parameters it relies on. tests/test_protocols.py fails with "re-sync protocols.py" when one moves.
@@ -168,6 +170,7 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         header_timeout: float,
         max_head_bytes: int,
         head_too_large: HeadTooLargeAnswer,
+        bad_request: BadRequestAnswer | None = None,
         quiet_path: str | None = None,
         **kwargs: Any,
     ) -> None:
@@ -175,6 +178,7 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         self.header_timeout = header_timeout
         self.max_head_bytes = max_head_bytes
         self.head_too_large = head_too_large
+        self.bad_request = bad_request
         self.quiet_path = quiet_path.rstrip("/") if quiet_path else None
         self._deadline: asyncio.TimerHandle | None = None
         # Loop time since which a request head is awaited; None while a request is handled.
@@ -279,11 +283,20 @@ class HeadLimitedProtocol(HttpToolsProtocol):
             self._head_since = self.loop.time()
 
     def send_400_response(self, msg: str) -> None:
-        """uvicorn's 400 for a request it cannot parse; a 431 when this class stopped the parser."""
+        """The answer to a request the parser cannot read: 431 when this class stopped it, else a JSON 400."""
         if self._head_refused:
             self._refuse_head()
-        else:
+        elif self.bad_request is None:
             super().send_400_response(msg)
+        else:
+            # Every answer of the service is its JSON envelope, this one too (uvicorn's is text).
+            request_id, payload = self.bad_request()
+            self.transport.write(
+                b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\nx-request-id: %s\r\nconnection: close\r\n\r\n%s"
+                % (len(payload), request_id.encode(), payload)
+            )
+            self.transport.close()
 
     def _refuse_head(self) -> None:
         self._head_refused = True
@@ -319,6 +332,7 @@ def protocol_factory(
     header_timeout: float,
     max_head_bytes: int,
     head_too_large: HeadTooLargeAnswer,
+    bad_request: BadRequestAnswer | None = None,
     quiet_path: str | None = None,
 ) -> Callable[..., HeadLimitedProtocol]:
     """The value for uvicorn's `http` option: `HeadLimitedProtocol` with these limits bound."""
@@ -327,5 +341,6 @@ def protocol_factory(
         header_timeout=header_timeout,
         max_head_bytes=max_head_bytes,
         head_too_large=head_too_large,
+        bad_request=bad_request,
         quiet_path=quiet_path,
     )

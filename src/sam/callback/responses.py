@@ -29,7 +29,7 @@ ANSWERS: dict[ResultCode, tuple[int, str, str]] = {
     ResultCode.QUEUED: (
         202,
         "ACCEPTED",
-        "Base de datos no disponible; el callback se ha guardado y se aplicará en cuanto responda",
+        "La base de datos no ha registrado el callback por ahora; se ha guardado en el spool y se aplicará en cuanto lo acepte",
     ),
     ResultCode.PROBE: (
         200,
@@ -38,6 +38,11 @@ ANSWERS: dict[ResultCode, tuple[int, str, str]] = {
     ),
     ResultCode.UNAUTHORIZED: (401, "ERROR", "Credenciales ausentes o no válidas"),
     ResultCode.FORBIDDEN: (403, "ERROR", "La dirección de origen no está autorizada"),
+    ResultCode.BAD_REQUEST: (
+        400,
+        "ERROR",
+        "La petición HTTP no es válida (línea de petición, cabeceras o cuerpo mal formados)",
+    ),
     ResultCode.NOT_FOUND: (404, "ERROR", "Ruta no encontrada"),
     ResultCode.METHOD_NOT_ALLOWED: (405, "ERROR", "Método no permitido"),
     ResultCode.REQUEST_TIMEOUT: (408, "ERROR", "El cuerpo de la petición no llegó a tiempo"),

@@ -50,6 +50,12 @@ def head_too_large_answer(limit: int) -> tuple[str, bytes]:
     return body["request_id"], json.dumps(body, ensure_ascii=False).encode("utf-8")
 
 
+def bad_request_answer() -> tuple[str, bytes]:
+    """Request id and JSON body of the 400 answer to a request the HTTP parser cannot read."""
+    _status, body = envelope(ResultCode.BAD_REQUEST, request_id_from(None))
+    return body["request_id"], json.dumps(body, ensure_ascii=False).encode("utf-8")
+
+
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
     """Options shared by the single-process and multi-process modes."""
     options: dict[str, Any] = {
@@ -68,6 +74,7 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
             header_timeout=settings.header_timeout_seconds,
             max_head_bytes=MAX_HEAD_BYTES,
             head_too_large=head_too_large_answer,
+            bad_request=bad_request_answer,
             quiet_path=settings.endpoint_path,
         ),
     }
