@@ -99,8 +99,7 @@ def test_requests_the_parser_cannot_read_get_the_json_envelope(server: ServerPro
     broken = {
         "bad_length": b"POST /api/callback HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n" + body,
         "length_and_chunked": (
-            b"POST /api/callback HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n" + body
+            b"POST /api/callback HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n" + body
         ),
         "garbage": b"GARBAGE\r\n\r\n",
     }

@@ -224,7 +224,9 @@ def _text_problems(deployment_id: str | None, status: str | None) -> dict[str, s
             problems["deploymentId"] = "contiene caracteres de control no permitidos"
     if status is not None:
         if not 1 <= len(status) <= STATUS_MAX:
-            problems["status"] = f"debe tener entre 1 y {STATUS_MAX} caracteres (la columna Estado es nvarchar({STATUS_MAX}))"
+            problems["status"] = (
+                f"debe tener entre 1 y {STATUS_MAX} caracteres (la columna Estado es nvarchar({STATUS_MAX}))"
+            )
         elif _FORBIDDEN.search(status):
             problems["status"] = "contiene caracteres de control no permitidos"
     return problems
