@@ -251,9 +251,9 @@ def _invalid(exc: ValidationError, value: dict[str, Any]) -> PayloadError:
         deployment_id.strip() if isinstance(deployment_id, str) and "deploymentId" not in problems else None,
         _upper_same_length(status.strip()) if isinstance(status, str) and "status" not in problems else None,
     )
-    ordered = {field: problems.get(field) or checked.get(field) for field in _FIELD_ORDER}
-    ordered = {field: problem for field, problem in ordered.items() if problem}
-    return _rejected(_details(ordered | problems), value)
+    found = problems | checked
+    ordered = {field: found[field] for field in _FIELD_ORDER if field in found}
+    return _rejected(_details(ordered | found), value)
 
 
 def parse_callback(body: bytes) -> Callback:
