@@ -1,7 +1,8 @@
-"""The listening socket systemd hands over at start (socket activation), when there is one."""
+"""The listening sockets: the one systemd hands over at start (socket activation), or our own, bound before serving."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -99,3 +100,68 @@ def _log_listener(listener: socket.socket, settings: Settings) -> None:
             port,
             settings.server_port,
         )
+
+
+# uvicorn's default backlog: connections that wait while the loop is busy.
+BACKLOG = 2048
+
+
+class PortInUse(Exception):
+    """Another process holds the port: worth retrying later (the old instance may be stopping)."""
+
+
+def bind_listeners(settings: Settings) -> list[socket.socket]:
+    """Listening sockets on CALLBACK_HOST:CALLBACK_PUERTO, bound before anything starts.
+
+    Bound here rather than by uvicorn, which binds after the application has started (and
+    said it was ready): a bad address stops the start as a configuration error, exit code 2,
+    before a single line claims the service is up.
+    """
+    host, port = settings.server_host, settings.server_port
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        problem = getattr(exc, "strerror", None) or str(exc)
+        raise ConfigError(
+            [
+                f"CALLBACK_HOST/CALLBACK_SERVER_HOST: '{host}' no es una dirección ni un nombre que se pueda resolver ({problem})"
+            ]
+        ) from None
+    listeners: list[socket.socket] = []
+    seen: set[tuple[int, tuple[str, int]]] = set()
+    try:
+        for family, _type, _proto, _name, address in found:
+            key = (int(family), (str(address[0]), int(address[1])))
+            if key in seen or family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            seen.add(key)
+            listeners.append(_bind(family, key[1], host, port))
+    except BaseException:
+        for listener in listeners:
+            listener.close()
+        raise
+    return listeners
+
+
+def _bind(family: socket.AddressFamily, address: tuple[str, int], host: str, port: int) -> socket.socket:
+    try:
+        # As asyncio binds: SO_REUSEADDR on POSIX only (on Windows it would let a second
+        # process take the same port), IPv6 sockets for IPv6 only.
+        listener = socket.create_server(address, family=family, backlog=BACKLOG)
+    except OSError as exc:
+        where = f"{host}:{port}" if family == socket.AF_INET else f"[{host}]:{port}"
+        if exc.errno == errno.EADDRINUSE or getattr(exc, "winerror", None) == 10048:
+            raise PortInUse(f"No se puede escuchar en {where}: el puerto ya está en uso por otro proceso") from None
+        raise ConfigError(
+            [
+                f"CALLBACK_HOST/CALLBACK_PUERTO: no se puede escuchar en {where} ({_reason(exc)}); "
+                "use una dirección de esta máquina (o 0.0.0.0) y un puerto libre"
+            ]
+        ) from None
+    listener.set_inheritable(False)
+    return listener
+
+
+def _reason(exc: OSError) -> str:
+    # socket.create_server appends "(while attempting to bind on address ...)": the line names it already.
+    return str(exc.strerror or exc).split(" (while attempting", 1)[0]

@@ -20,7 +20,7 @@ from uvicorn.supervisors import Multiprocess
 from .app import create_app
 from .auth import Authenticator
 from .domain import ResultCode
-from .listen import systemd_listener
+from .listen import PortInUse, bind_listeners, systemd_listener
 from .protocols import protocol_factory
 from .repository import driver_problem
 from .responses import envelope, request_id_from
@@ -99,20 +99,25 @@ def serve(settings: Settings) -> int:
     """Serve until stopped; return the process exit code."""
     _check_database_driver(settings)
     handle = ensure_logging(settings)
-    listener: socket.socket | None = None
+    listeners: list[socket.socket] = []
     try:
         # With a socket from systemd, connections that arrive while we restart wait in its
         # queue instead of being refused; closing our copy on exit leaves systemd's open.
         listener = systemd_listener(settings)
+        try:
+            listeners = [listener] if listener is not None else bind_listeners(settings)
+        except PortInUse as exc:
+            log.error("%s; se sale con código 1 para que el servicio lo reintente", exc)
+            return 1
         if settings.server_workers > 1:
-            return _serve_workers(settings, listener)
+            return _serve_workers(settings, listeners)
         config = uvicorn.Config(create_app(settings, watch_credentials=True), **uvicorn_options(settings))
         server = uvicorn.Server(config)
         _ignore_stop_signals()
-        server.run(sockets=None if listener is None else [listener])
+        server.run(sockets=listeners)
         return 0 if server.started or not server.should_exit else 1
     finally:
-        if listener is not None:
+        for listener in listeners:
             listener.close()
         close_logging(handle)
 
@@ -150,7 +155,7 @@ class CredentialReloadingSupervisor(Multiprocess):
                     os.kill(process.pid, hangup)
 
 
-def _serve_workers(settings: Settings, listener: socket.socket | None) -> int:
+def _serve_workers(settings: Settings, listeners: list[socket.socket]) -> int:
     # Parse the JWT keys here, once: a key that does not parse must stop the start with exit code
     # 2, not crash every worker with a traceback while the parent waits for them for ever.
     Authenticator(settings)
@@ -176,9 +181,8 @@ def _serve_workers(settings: Settings, listener: socket.socket | None) -> int:
             timeout_worker_healthcheck=WORKER_HEALTHCHECK_SECONDS,
             **uvicorn_options(settings),
         )
-        # The supervisor hands one listening socket to every worker: systemd's, or our own.
-        sockets = [listener if listener is not None else config.bind_socket()]
-        CredentialReloadingSupervisor(config, sockets=sockets).run()
+        # The supervisor hands the listening sockets to every worker: systemd's, or our own.
+        CredentialReloadingSupervisor(config, sockets=listeners).run()
         return 0
     finally:
         if own_dir:
