@@ -33,7 +33,7 @@ def test_systemd_unit_runs_the_service_hardened() -> None:
     unit = _unit_settings(UNIT.read_text(encoding="utf-8"))
     single = {key: values[-1] for key, values in unit.items()}
     assert single["ExecStart"].endswith("-m sam.callback serve")
-    for key in ("User", "Group", "WorkingDirectory", "EnvironmentFile", "ReadWritePaths"):
+    for key in ("User", "Group", "WorkingDirectory", "ReadWritePaths"):
         assert single.get(key), key
     assert single["KillSignal"] == "SIGTERM"
     assert single["Restart"] == "on-failure"
@@ -57,7 +57,11 @@ def test_systemd_unit_runs_the_service_hardened() -> None:
     # the spool and the logs live in the only writable folders
     writable = single["ReadWritePaths"].split()
     assert any(env["CALLBACK_SPOOL_PATH"].startswith(folder + "/") for folder in writable)
-    assert env["LOG_DIRECTORY"] in writable
+    assert env["LOG_DIRECTORY"] in writable and env["LOG_DIRECTORIO"] == env["LOG_DIRECTORY"]
+    # The configuration file is the service's own .env, re-read on change (SPEC 11): not an
+    # EnvironmentFile=, which systemd reads once and whose values would win over every reload.
+    assert "EnvironmentFile" not in unit
+    assert env["CALLBACK_ENV_FILE"] == "/etc/sam-callback/sam-callback.env"
 
 
 def test_socket_unit_hands_the_port_to_the_service() -> None:

@@ -177,6 +177,20 @@ def test_a_key_file_broken_by_an_edit_keeps_the_key_in_force(
     assert "Credenciales recargadas" not in _log(tmp_path)
 
 
+def test_the_file_named_by_callback_env_file_is_read_and_watched(
+    tmp_path: Path, make_server: Callable[..., ServerProcess]
+) -> None:
+    """As deploy/linux sets it up: the configuration lives outside the working folder and still reloads."""
+    config = tmp_path / "etc" / "sam-callback.env"
+    config.parent.mkdir()
+    config.write_text(f"CALLBACK_TOKEN={OLD}\n", encoding="utf-8")
+    server = make_server("", CALLBACK_ENV_FILE=str(config)).start()
+    assert _post(server, "dep-env-1", _token(OLD)) == 202
+    _edit(config, f"CALLBACK_TOKEN={NEW}\n")
+    wait_for(lambda: _post(server, "dep-env-2", _token(NEW)) == 202, timeout=15, what="el token nuevo se acepta")
+    assert _post(server, "dep-env-3", _token(OLD)) == 401
+
+
 def test_every_worker_takes_the_new_token(tmp_path: Path, make_server: Callable[..., ServerProcess]) -> None:
     server = make_server(f"CALLBACK_TOKEN={OLD}\n", CALLBACK_SERVER_WORKERS="2").start()
     _edit(tmp_path / ".env", f"CALLBACK_TOKEN={NEW}\n")

@@ -85,6 +85,22 @@ def test_env_file_is_read_and_environment_wins(monkeypatch: pytest.MonkeyPatch, 
     assert s.tokens == [TOKEN] and s.server_port == 9100 and s.log_level == "WARNING"
 
 
+def test_callback_env_file_names_the_file_to_read_instead_of_dotenv(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """CALLBACK_ENV_FILE (deploy/linux) replaces ./.env; a name that does not exist is a configuration error."""
+    (tmp_path / ".env").write_text("CALLBACK_PUERTO=9100\n", encoding="utf-8")
+    config = tmp_path / "etc" / "sam-callback.env"
+    config.parent.mkdir()
+    config.write_text(f"CALLBACK_TOKEN={TOKEN}\nCALLBACK_PUERTO=9200\n", encoding="utf-8")
+    s = settings_from_env(monkeypatch, tmp_path, CALLBACK_ENV_FILE=str(config))
+    assert s.tokens == [TOKEN] and s.server_port == 9200
+    monkeypatch.setenv("CALLBACK_ENV_FILE", str(tmp_path / "no-existe.env"))
+    with pytest.raises(ConfigError) as raised:
+        load_settings()
+    assert raised.value.problems == [f"CALLBACK_ENV_FILE: no existe el fichero '{tmp_path / 'no-existe.env'}'"]
+
+
 def test_database_url_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     s = settings_from_env(
         monkeypatch,

@@ -8,7 +8,7 @@ from typing import Any
 from .auth import Authenticator
 from .repository import Repository, describe_error, display_url, driver_problem, make_engine
 from .sam_env import conflicts, read_environment, repeated_in_file
-from .settings import ConfigError, Settings
+from .settings import ConfigError, Settings, env_file_path
 from .spool import Spool, SpoolError
 
 MIN_TOKEN_LENGTH = 32
@@ -94,9 +94,9 @@ def run_checks(settings: Settings) -> int:
             _line(False, problem)
         return 2
     _line(True, f"Configuración válida (modo de autenticación: {settings.auth_mode})")
-    for _field, used, ignored in conflicts(read_environment()):
+    for _field, used, ignored in conflicts(read_environment(env_file_path())):
         _line(None, f"{used} y {ignored} tienen valores distintos: se usa {used} (el nombre actual de SAM)")
-    for name in repeated_in_file():
+    for name in repeated_in_file(env_file_path()):
         _line(None, f"{name} aparece varias veces en .env con valores distintos: se usa la última línea")
     for warning in authenticator.warnings:
         _line(None, warning)

@@ -16,7 +16,7 @@ from .recorder import Recorder, RecorderEvents
 from .rejected import RejectedStore
 from .reload import CredentialReloader
 from .repository import Repository, display_url, make_engine
-from .settings import ConfigError, Settings, load_settings
+from .settings import ConfigError, Settings, env_file_path, load_settings
 from .spool import Spool, SpoolError, SpoolStats
 
 log = logging.getLogger("sam.callback")
@@ -143,7 +143,9 @@ class Runtime:
 
     def watch_credentials(self) -> None:
         """Re-read credentials from .env and the key file while serving (SPEC 11)."""
-        self.reloader = CredentialReloader(self.settings, load=load_settings, apply=self.apply_credentials)
+        self.reloader = CredentialReloader(
+            self.settings, load=load_settings, apply=self.apply_credentials, env_file=env_file_path()
+        )
         self.reloader.start()
 
     def apply_credentials(self, settings: Settings) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import ssl
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -404,12 +405,28 @@ def _translate(error: Any) -> str:
     return "valor no válido"
 
 
+ENV_FILE_VARIABLE = "CALLBACK_ENV_FILE"
+
+
+def env_file_path() -> Path:
+    """The dotenv file to read and watch: CALLBACK_ENV_FILE from the process environment, else `./.env`.
+
+    systemd's EnvironmentFile= is read once, at start, and its values would beat the file's on
+    every reload; naming the file here lets the service re-read it (SPEC 11).
+    """
+    return Path(os.environ.get(ENV_FILE_VARIABLE) or ".env")
+
+
 def load_settings(*, for_serving: bool = True, **overrides: Any) -> Settings:
     """Read the settings; raise ConfigError with one readable line per problem.
 
     `for_serving=False` is for operator commands (`status`, `spool`, `init-db --print-sql`),
     which work where no credential is configured.
     """
+    env_file = env_file_path()
+    if os.environ.get(ENV_FILE_VARIABLE) and not env_file.is_file():
+        raise ConfigError([f"{ENV_FILE_VARIABLE}: no existe el fichero '{env_file}'"])
+    overrides.setdefault("_env_file", env_file)
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
