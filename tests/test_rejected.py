@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,7 +14,7 @@ from fastapi.testclient import TestClient
 from sam.callback.app import create_app
 from sam.callback.rejected import RejectedStore
 from sam.callback.settings import Settings
-from tests.utils import TOKEN, auth_headers, isolated_env, run_cli
+from tests.utils import OUR_PREFIXES, TOKEN, auth_headers, isolated_env, run_cli
 
 
 def _store(settings: Settings) -> RejectedStore:
@@ -117,3 +120,51 @@ def test_the_cli_lists_shows_and_purges_rejected_callbacks(tmp_path: Path) -> No
     purged = run_cli(tmp_path, "spool", "purge", "--rejected", "--yes", **env)
     assert purged.returncode == 0 and "1 callbacks rechazados borrados" in purged.stdout
     assert "dep-cli" not in run_cli(tmp_path, "spool", "list", "--rejected", **env).stdout
+
+
+def test_spool_show_prints_terminal_escapes_as_text(tmp_path: Path) -> None:
+    """A body with an escape sequence (it would recolour or rewrite the operator's terminal) is shown, not obeyed."""
+    env = isolated_env(tmp_path) | {"CALLBACK_TOKEN": TOKEN}
+    store = RejectedStore(Path(env["CALLBACK_SPOOL_PATH"]), max_entries=10)
+    try:
+        seq = store.add(
+            body=b'["\x1b[2J\x1b]0;pwned\x07", "\r"]',
+            request_id="req-esc",
+            client="10.1.2.3",
+            code="invalid_payload",
+            reason="body: el cuerpo debe ser un objeto JSON",
+            content_type="text/plain\x1b[31m",
+            deployment_id=None,
+        )
+    finally:
+        store.close()
+    shown = run_cli(tmp_path, "spool", "show", str(seq), **env)
+    assert shown.returncode == 0, shown.stderr
+    assert "\x1b" not in shown.stdout and "\x07" not in shown.stdout and "\r" not in shown.stdout
+    assert '["\\u001b[2J\\u001b]0;pwned\\u0007", "\\u000d"]' in shown.stdout
+    assert "text/plain\\u001b[31m" in shown.stdout
+
+
+def test_a_reader_that_goes_away_leaves_no_traceback(tmp_path: Path) -> None:
+    """`sam-callback spool list --rejected --json | head -1`: the pipe closes early, the command ends quietly."""
+    env = isolated_env(tmp_path) | {"CALLBACK_TOKEN": TOKEN}
+    store = RejectedStore(Path(env["CALLBACK_SPOOL_PATH"]), max_entries=500)
+    try:
+        for number in range(300):
+            store.add(
+                body=b"x" * 2000, request_id=f"req-{number}", client="10.1.2.3", code="invalid_payload",
+                reason="body: el cuerpo no es JSON válido", content_type="application/json", deployment_id=None,
+            )  # fmt: skip
+    finally:
+        store.close()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(OUR_PREFIXES)}
+    command = [sys.executable, "-m", "sam.callback", "spool", "list", "--rejected", "--json"]
+    with subprocess.Popen(
+        command, cwd=tmp_path, env=clean | env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    ) as process:
+        assert process.stdout is not None and process.stderr is not None
+        process.stdout.readline()
+        process.stdout.close()  # as `head -1` does
+        errors = process.stderr.read().decode("utf-8", "replace")
+        process.wait(timeout=60)
+    assert "Traceback" not in errors and "BrokenPipeError" not in errors

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -130,6 +132,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return EXIT_OK
+    except BrokenPipeError:
+        # The reader went away (`sam-callback spool list | head`): no traceback, and Python's
+        # own flush at exit must not fail again on the closed pipe.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAILED
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
@@ -268,16 +276,18 @@ def _rejected(settings: Settings, args: argparse.Namespace) -> int:
             if entry is None:
                 print(f"No hay ningún callback rechazado con el número {args.seq}", file=sys.stderr)
                 return EXIT_FAILED
+            # Whatever a caller sent is shown, never obeyed: control characters (terminal escape
+            # sequences among them) are printed as \\uXXXX.
             print(f"Número:        {entry.seq}")
             print(f"Recibido:      {_when(entry.received_at)}")
-            print(f"Cliente:       {entry.client}")
-            print(f"request_id:    {entry.request_id}")
+            print(f"Cliente:       {_terminal_safe(entry.client)}")
+            print(f"request_id:    {_terminal_safe(entry.request_id)}")
             print(f"Respuesta:     {entry.code}")
-            print(f"Motivo:        {entry.reason}")
-            print(f"Content-Type:  {entry.content_type or '-'}")
-            print(f"deploymentId:  {entry.deployment_id or '-'}")
-            print("Cuerpo recibido:")
-            print(entry.body_text())
+            print(f"Motivo:        {_terminal_safe(entry.reason)}")
+            print(f"Content-Type:  {_terminal_safe(entry.content_type or '-')}")
+            print(f"deploymentId:  {_terminal_safe(entry.deployment_id or '-')}")
+            print("Cuerpo recibido (caracteres de control como \\uXXXX):")
+            print(_terminal_safe(entry.body_text()))
             return EXIT_OK
         if args.spool_command == "purge":
             if not args.yes:
@@ -292,6 +302,14 @@ def _rejected(settings: Settings, args: argparse.Namespace) -> int:
         return EXIT_FAILED
     finally:
         store.close()
+
+
+# C0 and C1 controls but tab and newline, which a terminal only moves the cursor for.
+_TERMINAL_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _terminal_safe(text: str) -> str:
+    return _TERMINAL_CONTROLS.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
 
 
 def _spool_dict(entry: SpoolEntry) -> dict[str, object]:
