@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Callable
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any, cast
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from websockets.sync.client import connect
 
+from sam.callback.activity import CallbackEvent, ProcessActivity
 from sam.callback.app import create_app
+from sam.callback.panel import PanelView, render_page
 from sam.callback.settings import ConfigError, Settings, load_settings
+from sam.callback.spool import SpoolStats
 from tests.utils import TOKEN, Keys, ServerProcess, auth_headers, insert_run, require_service, wait_for
 
 CLIENT_ID = "cliente-apigw-del-panel-7f3a"
@@ -23,6 +31,9 @@ HOSTILE_ID = '"><img src=x onerror=document.title=1>'
 SCRIPT_ID = "<script>document.title=2</script>"
 HOSTILE_STATUS = "<b>NEGRITA</b>"
 TITLE = "sam-callback · panel"
+UNUSABLE_KEY = "-----BEGIN PUBLIC KEY-----\\nZXN0byBubyBlcyB1bmEgY2xhdmU=\\n-----END PUBLIC KEY-----"
+# (width, height) of the screens the page must read well on: two laptops and a phone.
+SCREENS = ((1366, 700), (1280, 800), (400, 1200))
 # Headless, and nothing of its own on the network (no updates, sync or background requests).
 CHROMIUM_OPTIONS = (
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -39,6 +50,7 @@ class Page(HTMLParser):
         self.pairs: dict[str, dict[str, str]] = {}
         self.rows: dict[str, list[list[str]]] = {}
         self.title = ""
+        self.warnings: list[str] = []
         self._section = ""
         self._open: str | None = None
         self._text = ""
@@ -55,7 +67,7 @@ class Page(HTMLParser):
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         self.tags.append((tag, dict(attrs)))
-        if tag in ("h2", "dt", "dd", "td", "title"):
+        if tag in ("h2", "dt", "dd", "td", "title") or (tag == "p" and dict(attrs).get("class") == "warn"):
             self._open, self._text = tag, ""
         elif tag == "tr":
             self._row = []
@@ -74,6 +86,8 @@ class Page(HTMLParser):
             self._label = text
         elif tag == "dd":
             self.pairs.setdefault(self._section, {})[self._label] = text
+        elif tag == "p" and self._open == "p":
+            self.warnings.append(text)
         elif tag == "td" and self._row is not None:
             self._row.append(self._text.strip())
         elif tag == "tr" and self._row:
@@ -83,15 +97,20 @@ class Page(HTMLParser):
             self._open = None
 
 
-def chromium(tmp_path: Path, url: str, *extra: str) -> subprocess.CompletedProcess[str]:
-    """Run Debian's headless Chromium on `url`; skip (fail under CI) when it is not installed."""
+def chromium_executable() -> str:
+    """Debian's Chromium; skip (fail under CI) when it is not installed."""
     executable = shutil.which("chromium") or shutil.which("chromium-browser")
     if executable is None:
         require_service("Chromium", "no se encuentra el ejecutable 'chromium' (apt-get install chromium)")
     assert executable is not None
+    return executable
+
+
+def chromium(tmp_path: Path, url: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    """Run Debian's headless Chromium on `url`."""
     profile = tmp_path / f"chromium-{len(list(tmp_path.glob('chromium-*')))}"
     return subprocess.run(
-        [executable, *CHROMIUM_OPTIONS, f"--user-data-dir={profile}", *extra, url],
+        [chromium_executable(), *CHROMIUM_OPTIONS, f"--user-data-dir={profile}", *extra, url],
         capture_output=True,
         text=True,
         timeout=120,
@@ -314,3 +333,198 @@ def test_the_page_is_not_framable_and_not_cached(make_settings: Callable[..., Se
     assert nonce is not None and f'<style nonce="{nonce.group(1)}">' in answer.text
     assert answer.headers["x-frame-options"] == "DENY"
     assert answer.headers["cache-control"] == "no-store"
+
+
+def test_every_warning_of_ready_is_on_the_page(server_factory: Callable[..., ServerProcess], tmp_path: Path) -> None:
+    """Mode optional with a static token serves despite an unusable JWT key: /ready and the page both warn of it."""
+    # As SAM's .env carries a key: on one line, with literal \n.
+    server = server_factory(JWT_PUBLIC_KEY=UNUSABLE_KEY).start()
+    ready = httpx.get(server.base_url + "/ready", timeout=30).json()
+    assert [warning for warning in ready["warnings"] if "no es un PEM válido" in warning]
+
+    _, page = open_in_browser(tmp_path, server.base_url + "/panel")
+    assert page.title == TITLE
+    assert set(ready["warnings"]) <= set(page.warnings)
+    assert any(
+        warning.startswith("JWT_CLAVE_PUBLICA/JWT_PUBLIC_KEY: la clave pública no es un PEM válido")
+        for warning in page.warnings
+    )
+
+
+def test_mode_none_is_warned_of_as_ready_does(make_settings: Callable[..., Settings]) -> None:
+    """The page's warnings are /ready's, in the same words."""
+    with _client(make_settings(auth_mode="none"), "127.0.0.1") as client:
+        ready = client.get("/ready").json()
+        page = Page(client.get("/panel").text)
+    assert ready["warnings"] == ["CALLBACK_AUTH_MODE=none: el endpoint no exige autenticación"]
+    assert page.warnings == ready["warnings"]
+
+
+# Evaluated in the page once it has loaded: where each label and value of each card ended up.
+LAYOUT_PROBE = """(() => {
+  const lines = (element) => {
+    const range = document.createRange();
+    range.selectNodeContents(element);
+    return 1 + Math.floor(range.getBoundingClientRect().height / parseFloat(getComputedStyle(element).lineHeight));
+  };
+  const root = document.documentElement;
+  const report = {width: innerWidth, scrollWidth: root.scrollWidth, clientWidth: root.clientWidth, items: []};
+  for (const card of document.querySelectorAll(".card")) {
+    const box = card.getBoundingClientRect();
+    const title = card.querySelector("h2").textContent;
+    for (const element of card.querySelectorAll("dt, dd, p.warn")) {
+      const rect = element.getBoundingClientRect();
+      report.items.push({card: title, tag: element.tagName.toLowerCase(), text: element.textContent.trim(),
+                         lines: lines(element), inside: rect.left >= box.left - 0.5 && rect.right <= box.right + 0.5});
+    }
+  }
+  return report;
+})()"""
+
+
+def measure_in_browser(tmp_path: Path, url: str, *, width: int, height: int, expression: str) -> Any:
+    """Open `url` in headless Chromium on a `width` x `height` screen; return what `expression` evaluates to there.
+
+    Driven over the DevTools protocol: Chromium's own --dump-dom cannot make a window narrower than
+    500 px, and the page's CSP would refuse a script of ours (DevTools' evaluation is not subject to
+    it). Narrow screens are emulated as a phone, which honours the page's viewport meta tag. A
+    screenshot is left in `tmp_path` for whoever looks into a failure.
+    """
+    profile = tmp_path / f"chromium-{len(list(tmp_path.glob('chromium-*')))}"
+    command = [chromium_executable(), *CHROMIUM_OPTIONS, f"--user-data-dir={profile}", "--remote-debugging-port=0"]
+    process = subprocess.Popen([*command, "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # Chromium writes the port it chose, then the browser's WebSocket path.
+        port_file = profile / "DevToolsActivePort"
+        port, path = wait_for(lambda: _complete_lines(port_file, 2), timeout=60, what="el puerto DevTools de Chromium")
+        with connect(f"ws://127.0.0.1:{port}{path}", max_size=None, open_timeout=30) as devtools:
+            messages = iter(lambda: json.loads(devtools.recv(timeout=60)), None)
+            sequence = iter(range(1, 1_000_000))
+
+            def call(method: str, session: str | None = None, **params: Any) -> dict[str, Any]:
+                number = next(sequence)
+                request = {"id": number, "method": method, "params": params}
+                devtools.send(json.dumps(request if session is None else request | {"sessionId": session}))
+                for message in messages:
+                    if message.get("id") == number:
+                        assert "error" not in message, message
+                        return cast(dict[str, Any], message["result"])
+                raise AssertionError(method)
+
+            target = call("Target.createTarget", url="about:blank")["targetId"]
+            session = call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+            call(
+                "Emulation.setDeviceMetricsOverride",
+                session,
+                width=width,
+                height=height,
+                deviceScaleFactor=1,
+                mobile=width < 600,
+            )
+            call("Page.enable", session)
+            call("Page.navigate", session, url=url)
+            # recv's own timeout bounds the wait for the page to load.
+            next(m for m in messages if m.get("method") == "Page.loadEventFired" and m.get("sessionId") == session)
+            shot = call("Page.captureScreenshot", session, format="png")["data"]
+            (tmp_path / f"panel-{width}x{height}.png").write_bytes(base64.b64decode(shot))
+            answer = call("Runtime.evaluate", session, expression=expression, returnByValue=True)
+            assert "exceptionDetails" not in answer, answer
+            return answer["result"]["value"]
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=30)
+
+
+def _complete_lines(path: Path, count: int) -> list[str] | None:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return None
+    return lines[:count] if len(lines) >= count and all(lines[:count]) else None
+
+
+def _busy_view() -> PanelView:
+    """A long-running service's numbers: 5-7 digit counts, long error texts, two processes."""
+    now = time.time()
+    sql_error = (
+        "(pyodbc.ProgrammingError) ('42S22', \"[42S22] [Microsoft][ODBC Driver 18 for SQL Server][SQL Server] "
+        "El nombre de columna 'CallbackInfo' no es válido. (207) (SQLExecDirectW)\")"
+    )
+    callbacks: list[CallbackEvent] = [
+        (
+            now - index * 7,
+            index,
+            f"a1b2c3d4-e5f6-4a7b-8c9d-{index:012d}",
+            "RUN_COMPLETED",
+            "updated",
+            "10.20.30.40",
+            f"3f6c0a9e8d7b6c5a4f3e2d1c{index:08d}",
+        )
+        for index in range(5)
+    ]
+    refused = [(now - 60, "10.20.30.41", "token estático incorrecto; JWT caducado (exp en el pasado)")]
+    return PanelView(
+        now=now,
+        database_up=False,
+        database_since=now - 3 * 3600,
+        database_error="OperationalError",
+        auth_mode="optional",
+        warnings=[
+            "JWT_CLAVE_PUBLICA/JWT_PUBLIC_KEY: la clave pública no es un PEM válido para los algoritmos de "
+            "JWT_ALGORITHMS; los JWT se rechazan hasta que se corrija",
+            f"Último error de la base de datos: {sql_error}",
+        ],
+        spool=SpoolStats(
+            queued=1_234_567,
+            pending=98_765,
+            unmatched=4_620_462,
+            oldest_received_at=now - 9 * 86400,
+            refused=123_456,
+            refused_error=sql_error,
+        ),
+        rejected=7_654_321,
+        counts={
+            "updated": 9_876_543,
+            "pending_match": 4_620_462,
+            "already_processed": 123_456,
+            "unauthorized": 1_234_567,
+            "invalid_payload": 54_321,
+            "queued": 1_234_567,
+        },
+        processes=[
+            ProcessActivity(
+                pid=4_194_301,
+                started_at=now - 40 * 86400,
+                written_at=now,
+                callbacks=callbacks,
+                refused=refused,
+                per_minute={int(now // 60): 12_345},
+            ),
+            ProcessActivity(
+                pid=4_194_302, started_at=now - 40 * 86400, written_at=now, callbacks=[], refused=[], per_minute={}
+            ),
+        ],
+        deployment_filter="",
+    )
+
+
+@pytest.mark.parametrize(("width", "height"), SCREENS)
+def test_cards_read_normally_on_laptops_and_a_phone(tmp_path: Path, width: int, height: int) -> None:
+    """With big numbers and long errors every label and value stays whole inside its card, and nothing scrolls sideways."""
+    page = tmp_path / "panel.html"
+    page.write_text(render_page(_busy_view(), nonce="n"), "utf-8")
+    report = measure_in_browser(tmp_path, page.as_uri(), width=width, height=height, expression=LAYOUT_PROBE)
+    assert report["width"] == width, "la página es más ancha que la pantalla"
+    assert report["scrollWidth"] <= report["clientWidth"], "la página se desplaza en horizontal"
+    items = report["items"]
+    assert {item["card"] for item in items} >= {"Estado", "Spool", "Callbacks desde el arranque"}
+    assert [item for item in items if not item["inside"]] == []
+    # A number on one line; a label or value broken only between words (never one letter per line).
+    assert [item for item in items if item["text"].isdigit() and item["lines"] != 1] == []
+    assert [item for item in items if item["lines"] > len(item["text"].split())] == []
+    spool = {item["text"] for item in items if item["card"] == "Spool"}
+    assert {"1333332", "1234567", "98765", "4620462", "7654321"} <= spool

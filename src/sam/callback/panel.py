@@ -128,11 +128,7 @@ def _ping(runtime: Runtime) -> None:
 
 def _gather(runtime: Runtime, activity: Activity, database_error: str | None, deployment_filter: str) -> PanelView:
     stats = runtime.spool_stats()
-    warnings = []
-    if runtime.settings.auth_mode == "none":
-        warnings.append("CALLBACK_AUTH_MODE=none: el endpoint no exige autenticación")
-    if stats is None:
-        warnings.append("El spool no está disponible: si la base de datos cae, los callbacks se rechazarán con 503")
+    warnings = service_warnings(runtime, stats)
     if database_error is None and runtime.recorder_ is not None and runtime.recorder_.last_db_error:
         warnings.append(f"Último error de la base de datos: {runtime.recorder_.last_db_error}")
     counts: dict[str, int] = {}
@@ -156,6 +152,18 @@ def _gather(runtime: Runtime, activity: Activity, database_error: str | None, de
         processes=[activity.snapshot(), *activity.others()],
         deployment_filter=deployment_filter,
     )
+
+
+def service_warnings(runtime: Runtime, stats: SpoolStats | None) -> list[str]:
+    """The warnings `GET /ready` reports, in its order and words: auth mode none, the authenticator's, no spool."""
+    warnings = []
+    if runtime.settings.auth_mode == "none":
+        warnings.append("CALLBACK_AUTH_MODE=none: el endpoint no exige autenticación")
+    # An unusable JWT key in mode optional, for one: the service serves, JWTs are refused.
+    warnings.extend(runtime.authenticator.warnings)
+    if stats is None:
+        warnings.append("el spool no está disponible: si la base de datos cae, los callbacks se rechazarán con 503")
+    return warnings
 
 
 def _rejected_count(runtime: Runtime) -> int | None:
@@ -234,7 +242,7 @@ def render_page(view: PanelView, *, nonce: str) -> str:
         f"<header><h1>sam-callback</h1><p>Panel de operación · {_e(_clock(view.now))} · "
         f"se actualiza cada {REFRESH_SECONDS} s</p></header><main>",
         '<section class="cards">',
-        _card("Estado", _pairs(state_rows) + warnings),
+        _card("Estado", _pairs([(_e(label), value) for label, value in state_rows]) + warnings),
         _card("Spool", _spool(view)),
         _card("Callbacks desde el arranque", _counts(view.counts)),
         "</section>",
@@ -251,8 +259,8 @@ def _card(title: str, body: str) -> str:
 
 
 def _pairs(rows: list[tuple[str, str]]) -> str:
-    """Rows of (label, HTML already escaped)."""
-    return "<dl>" + "".join(f"<dt>{_e(label)}</dt><dd>{value}</dd>" for label, value in rows) + "</dl>"
+    """Rows of (label, value), both HTML already escaped."""
+    return "<dl>" + "".join(f"<dt>{label}</dt><dd>{value}</dd>" for label, value in rows) + "</dl>"
 
 
 def _spool(view: PanelView) -> str:
@@ -269,9 +277,12 @@ def _spool(view: PanelView) -> str:
     ]
     detail = f" <small>{_e(stats.refused_error)}</small>" if stats.refused and stats.refused_error else ""
     rows.append(("Rechazados por la base de datos", _number(stats.refused) + detail))
+    labelled = [(_e(label), value) for label, value in rows]
     if view.rejected is not None:
-        rows.append(("Rechazados por cuerpo no válido (spool list --rejected)", _number(view.rejected)))
-    return _pairs(rows)
+        # The command is one unit: a narrow screen must not break it after "--".
+        command = '<span class="command">(spool list --rejected)</span>'
+        labelled.append((f"Rechazados por cuerpo no válido {command}", _number(view.rejected)))
+    return _pairs(labelled)
 
 
 def _number(value: int) -> str:
@@ -281,7 +292,7 @@ def _number(value: int) -> str:
 def _counts(counts: dict[str, int]) -> str:
     if not counts:
         return "<p>Ninguno todavía.</p>"
-    rows = [(result, _e(count)) for result, count in sorted(counts.items(), key=lambda item: (-item[1], item[0]))]
+    rows = [(_e(result), _e(count)) for result, count in sorted(counts.items(), key=lambda item: (-item[1], item[0]))]
     rows.append(("total", f"<strong>{_e(sum(counts.values()))}</strong>"))
     return _pairs(rows)
 
@@ -354,6 +365,8 @@ def _refused_table(events: list[tuple[int, RefusedEvent]], *, now: float, severa
     return _table([*headers, "Proceso"] if several else headers, rows, "Ninguna petición rechazada.")
 
 
+# Labels take at most 60 % of a card and wrap; values keep the rest, so a long label (the spool's)
+# cannot squeeze a number into one digit per line. Nothing is wider than the screen on a phone.
 _CSS = """
 :root{color-scheme:light dark;--ok:#17803d;--bad:#b42318;--wait:#a15c07;--line:#8884}
 *{box-sizing:border-box}
@@ -361,14 +374,15 @@ body{margin:0;font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-seri
 header{padding:.8rem 1rem;background:#1f3a5f;color:#fff}
 header h1{margin:0;font-size:1.25rem}header p{margin:.2rem 0 0;font-size:.85rem;opacity:.85}
 main{padding:.6rem;max-width:80rem;margin:auto}
-.cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(18rem,1fr));gap:.6rem;margin-bottom:.6rem}
+.cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(18rem,100%),1fr));gap:.6rem;margin-bottom:.6rem}
 .card{border:1px solid var(--line);border-radius:.5rem;padding:.6rem .8rem;margin-bottom:.6rem;min-width:0}
 .cards .card{margin-bottom:0}
 h2{font-size:1rem;margin:0 0 .4rem}
-dl{display:grid;grid-template-columns:max-content 1fr;gap:.15rem .8rem;margin:0}
-dt{opacity:.75}dd{margin:0;overflow-wrap:anywhere}
+dl{display:grid;grid-template-columns:fit-content(60%) minmax(0,1fr);gap:.15rem .8rem;margin:0}
+dt{opacity:.75;overflow-wrap:anywhere}dd{margin:0;overflow-wrap:anywhere;font-variant-numeric:tabular-nums}
 .ok{color:var(--ok);font-weight:600}.bad{color:var(--bad);font-weight:600}.wait{color:var(--wait);font-weight:600}
-.warn{background:#fef0c7;color:#4d3300;padding:.3rem .5rem;border-radius:.3rem;margin:.4rem 0 0}
+.command{white-space:nowrap}
+.warn{background:#fef0c7;color:#4d3300;padding:.3rem .5rem;border-radius:.3rem;margin:.4rem 0 0;overflow-wrap:anywhere}
 .scroll{overflow-x:auto}
 table{border-collapse:collapse;width:100%;font-size:.9rem}
 th,td{text-align:left;padding:.25rem .5rem;border-bottom:1px solid var(--line);white-space:nowrap}
