@@ -8,6 +8,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from email.message import EmailMessage
@@ -23,7 +24,9 @@ from fastapi.testclient import TestClient
 
 from sam.callback.alerts import Alerts
 from sam.callback.app import create_app
+from sam.callback.domain import AuthFailure
 from sam.callback.settings import Settings
+from sam.callback.spool import Spool
 from tests.faults_support import TcpProxy
 from tests.utils import TOKEN, Keys, auth_headers, free_port, insert_run, isolated_env, run_cli, wait_for
 
@@ -311,7 +314,7 @@ def test_refused_callbacks_past_the_threshold_send_one_mail_naming_addresses_and
         jwt_headers = {"Authorization": f"Bearer {expired}", "x-ibm-client-id": CLIENT_ID}
         assert http.post("/api/callback", json=body, headers=jwt_headers).status_code == 401
         (mail,) = inbox.wait(1)
-        # Below the threshold again: no second mail (checked below, after a mail that must follow it).
+        # After the mail, within the repeat interval: counted for the next mail, which goes at stop.
         assert http.post("/api/callback", json=body, headers=auth_headers(WRONG_TOKEN)).status_code == 401
     assert "Callbacks rechazados por autenticación" in mail.subject
     assert mail.recipients == RECIPIENT_LIST
@@ -322,7 +325,12 @@ def test_refused_callbacks_past_the_threshold_send_one_mail_naming_addresses_and
     assert "no lo reintenta" in mail.body
     assert_no_secret(mail, WRONG_TOKEN, expired)
     server.stop()
-    assert len(inbox.messages()) == 1
+    first, after = inbox.wait(2)
+    assert first.raw == mail.raw
+    assert "1 callback rechazado desde el correo anterior" in after.body
+    assert "1 × 401 desde 127.0.0.1: token: token estático incorrecto" in after.body
+    assert "el callback rechazado después del correo anterior se contó" in after.body
+    assert_no_secret(after, WRONG_TOKEN, expired)
 
 
 def test_database_unreachable_is_mailed_with_the_backlog_then_again_when_it_answers(
@@ -420,6 +428,36 @@ def test_a_mail_server_that_hangs_does_not_delay_callbacks(make_settings: Callab
         silent.close()
 
 
+@pytest.mark.slow
+def test_at_sigterm_alerts_a_hanging_mail_server_keeps_reach_the_log_with_their_text(
+    server_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    silent = SilentServer()
+    try:
+        server = server_factory(
+            **mail_env(silent.port, EMAIL_PASSWORD=MAIL_PASSWORD), CALLBACK_ALERT_AUTH_FAILURES="1"
+        ).start()
+        body = {"deploymentId": "dep-rechazado", "status": "RUN_COMPLETED"}
+        with httpx.Client(base_url=server.base_url, timeout=10) as http:
+            assert http.post("/api/callback", json=body, headers=auth_headers(WRONG_TOKEN)).status_code == 401
+            wait_for(lambda: silent.accepted() >= 1, what="el primer correo conectado al servidor mudo")
+            # Counted after the first alert: mailed (here: logged) at stop.
+            assert http.post("/api/callback", json=body, headers=auth_headers(WRONG_TOKEN)).status_code == 401
+        started = time.monotonic()
+        assert server.stop() == 0
+        assert time.monotonic() - started < 30
+    finally:
+        silent.close()
+    logged = "".join(path.read_text(encoding="utf-8") for path in sorted((tmp_path / "logs").glob("*.log*")))
+    unsent = [line for line in logged.splitlines() if "Alerta no enviada por correo" in line]
+    assert len(unsent) == 2, logged[-3000:]
+    assert all(" - ERROR - " in line and "Callbacks rechazados por autenticación" in line for line in unsent)
+    assert any("1 callback rechazado desde el correo anterior" in line for line in unsent)
+    assert "2 alertas sin enviar" in logged
+    for secret in (TOKEN, WRONG_TOKEN, MAIL_PASSWORD):
+        assert secret not in logged
+
+
 def test_test_mail_uses_starttls_and_login_and_prints_no_password(
     make_inbox: Callable[..., Inbox], tls_ca: trustme.CA, tmp_path: Path
 ) -> None:
@@ -434,6 +472,33 @@ def test_test_mail_uses_starttls_and_login_and_prints_no_password(
     assert mail.recipients == RECIPIENT_LIST
     assert "Correo de prueba" in mail.subject and "correo de prueba de sam-callback" in mail.body
     assert_no_secret(mail)
+
+
+def test_test_mail_says_it_went_in_clear_when_the_server_offers_no_starttls(inbox: Inbox, tmp_path: Path) -> None:
+    env = inbox.env(EMAIL_TLS_HABILITAR="True")  # no user; the plain inbox offers no STARTTLS
+    result = run_cli(tmp_path, "test-mail", CALLBACK_TOKEN=TOKEN, **env)
+    assert result.returncode == 0, result.stderr
+    assert "sin cifrar: el servidor no ofrece STARTTLS, sin usuario" in result.stdout
+    assert "(STARTTLS" not in result.stdout
+    (mail,) = inbox.wait(1)
+    assert not mail.tls
+
+
+def test_alerts_log_how_the_mail_travelled(
+    make_settings: Callable[..., Settings], inbox: Inbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="sam.callback.alerts")
+    alerts = Alerts(mail_settings(make_settings, inbox, email_use_tls=True), clock=FakeClock())
+    alerts.start()
+    try:
+        alerts.unavailable("dep-en-claro", "RUN_FAILED", "req-1")
+        inbox.wait(1)
+        wait_for(lambda: "Alerta enviada por correo" in caplog.text, what="la línea del envío")
+    finally:
+        alerts.stop()
+    sent = next(r.getMessage() for r in caplog.records if "Alerta enviada por correo" in r.getMessage())
+    assert "(sin cifrar: el servidor no ofrece STARTTLS, sin usuario)" in sent
+    assert any(r.levelno == logging.WARNING and "viajan sin cifrar" in r.getMessage() for r in caplog.records)
 
 
 def test_test_mail_says_why_a_wrong_password_fails_without_printing_it(
@@ -535,6 +600,166 @@ def test_alerts_held_at_stop_are_mailed_rather_than_forgotten(
     assert "Callback rechazado por la base de datos" in first.subject
     assert "spool n.º 7" in first.body and "spool retry" in first.body
     assert "dep-columna-2" in second.body and "1 avisos de este tipo se retuvieron" in second.body
+
+
+def test_refusals_after_an_alert_are_counted_and_mailed_when_the_interval_ends(
+    make_settings: Callable[..., Settings], inbox: Inbox
+) -> None:
+    settings = mail_settings(make_settings, inbox, alert_auth_failures=3, alert_repeat_seconds=3600)
+    clock = FakeClock()
+    alerts = Alerts(settings, clock=clock)
+    wrong = (AuthFailure.TOKEN_INVALID,)
+    alerts.start()
+    try:
+        for _ in range(4):  # four at once: the threshold is 3
+            alerts.refused("10.0.0.7", 401, wrong)
+        (first,) = inbox.wait(1)
+        clock.now += 8
+        alerts.refused("10.0.0.8", 401, wrong)  # 8 s later, alone: below the threshold
+        # Events are handled in order: a mail of another kind arriving second proves no refusal mail went.
+        alerts.unmatched("dep-huerfano", "req-9", 86400)
+        assert "Callback sin ejecución en SAM" in inbox.wait(2)[1].subject
+        clock.now += 3600  # the interval is over: the two refusals counted since the first mail go now
+        third = inbox.wait(3)[2]
+        clock.now += 3600  # an interval with no refusal: back to the threshold
+        alerts.refused("10.0.0.9", 401, wrong)
+        alerts.unmatched("dep-huerfano-2", "req-10", 86400)
+        assert "dep-huerfano-2" in inbox.wait(4)[3].body
+    finally:
+        alerts.stop()
+    assert "3 callbacks rechazados" in first.body and "3 × 401 desde 10.0.0.7" in first.body
+    assert "Callbacks rechazados por autenticación" in third.subject
+    assert "2 callbacks rechazados desde el correo anterior" in third.body
+    assert "1 × 401 desde 10.0.0.7: token: token estático incorrecto" in third.body
+    assert "1 × 401 desde 10.0.0.8: token: token estático incorrecto" in third.body
+    assert "los 2 callbacks rechazados después del correo anterior se contaron" in third.body
+    assert "alcancen o no el umbral" in third.body
+    # The lone refusal after a quiet interval waits for the threshold again (and nothing was mailed at stop:
+    # below the threshold is not an alert).
+    assert len(inbox.messages()) == 4
+
+
+def test_refusals_after_an_alert_are_mailed_at_stop(make_settings: Callable[..., Settings], inbox: Inbox) -> None:
+    settings = mail_settings(make_settings, inbox, alert_auth_failures=2, alert_repeat_seconds=3600)
+    alerts = Alerts(settings, clock=FakeClock())
+    alerts.start()
+    alerts.refused("10.0.0.7", 401, (AuthFailure.TOKEN_INVALID,))
+    alerts.refused("10.0.0.7", 401, (AuthFailure.TOKEN_INVALID,))
+    inbox.wait(1)
+    alerts.refused("10.0.0.7", 403, (AuthFailure.ADDRESS_NOT_ALLOWED,))
+    alerts.stop()
+    _, last = inbox.wait(2)
+    assert "1 callback rechazado desde el correo anterior" in last.body
+    assert "1 × 403 desde 10.0.0.7" in last.body
+
+
+def test_alerts_a_hanging_mail_server_keeps_are_logged_with_their_text_at_stop(
+    make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="sam.callback.alerts")
+    silent = SilentServer()
+    settings = make_settings(
+        email_smtp_host="127.0.0.1",
+        email_smtp_port=silent.port,
+        email_from=SENDER,
+        email_recipients=RECIPIENTS,
+        email_use_tls=False,
+        email_password=MAIL_PASSWORD,
+    )
+    alerts = Alerts(settings, clock=FakeClock(), secrets=[MAIL_PASSWORD, TOKEN], timeout=3, stop_seconds=0.5)
+    try:
+        alerts.start()
+        sender = alerts._sender  # to see it end once its try times out
+        assert sender is not None
+        alerts.unavailable("dep-en-vuelo", "RUN_FAILED", "req-1")
+        wait_for(lambda: silent.accepted() >= 1, what="el envío del primer correo conectado al servidor mudo")
+        alerts.unmatched("dep-en-cola", "req-2", 86400)
+        alerts.rejected(deployment_id="dep-en-cola-2", reason="status: falta", client="10.1.2.3", request_id="req-3")
+        alerts.unavailable("dep-retenido", "RUN_FAILED", "req-4")  # held by the interval, flushed at stop
+        started = time.monotonic()
+        alerts.stop()
+        elapsed = time.monotonic() - started
+        assert elapsed < 0.5 + 1.0  # the grace, plus the time to log
+        unsent = [r for r in caplog.records if "Alerta no enviada por correo" in r.getMessage()]
+        assert [r.levelno for r in unsent] == [logging.ERROR] * 4
+        texts = [r.getMessage() for r in unsent]
+        for deployment_id in ("dep-en-vuelo", "dep-en-cola", "dep-en-cola-2", "dep-retenido"):
+            assert sum(deployment_id + " " in text or deployment_id + "\n" in text for text in texts) >= 1
+        assert all("ALERTA" in text and "Qué revisar" in text for text in texts)
+        assert any("4 alertas sin enviar" in r.getMessage() and r.levelno == logging.ERROR for r in caplog.records)
+        # The try in flight times out later: it is not reported a second time.
+        wait_for(lambda: not sender.is_alive(), timeout=15, what="el fin del hilo de envío")
+        assert not any("No se pudo enviar la alerta" in r.getMessage() for r in caplog.records)
+        assert MAIL_PASSWORD not in caplog.text and TOKEN not in caplog.text
+    finally:
+        silent.close()
+
+
+def test_database_down_says_callbacks_get_503_when_the_spool_cannot_keep_them(
+    make_settings: Callable[..., Settings], inbox: Inbox, tmp_path: Path
+) -> None:
+    spool = Spool(tmp_path / "spool-vacio.db")
+    spool.open()  # readable and empty: its backlog is 0, yet the callbacks below got 503
+    settings = mail_settings(make_settings, inbox, alert_database_seconds=300)
+    clock = FakeClock()
+    alerts = Alerts(settings, spool=spool, clock=clock)
+    alerts.start()
+    try:
+        alerts.database_down("OperationalError: sin conexión")
+        alerts.unavailable("dep-503-a", "RUN_COMPLETED", "req-1")
+        alerts.unavailable("dep-503-b", "RUN_COMPLETED", "req-2")
+        inbox.wait(1)  # the first 503 (the second is held by the interval)
+        clock.now += 300
+        down = inbox.wait(2)[1]
+        alerts.database_up()
+        back = inbox.wait(3)[2]
+    finally:
+        alerts.stop()
+        spool.close()
+    assert "Base de datos de SAM inaccesible y spool sin poder guardar" in down.subject
+    assert "se siguen aceptando" not in down.body and "no se pierde ningún callback" not in down.body
+    assert "se rechazan con 503" in down.body
+    assert "callbacks rechazados con 503 (no guardados) durante la caída: 2" in down.body
+    assert "salvo que alguien lo reenvíe" in down.body
+    assert "Base de datos de SAM disponible de nuevo" in back.subject
+    assert "callbacks rechazados con 503 (perdidos) durante la caída: 2" in back.body
+    assert "Ninguno por la caída" not in back.body and "se perdieron" in back.body
+
+
+def test_database_down_with_a_working_spool_says_callbacks_are_kept(
+    make_settings: Callable[..., Settings], inbox: Inbox, tmp_path: Path
+) -> None:
+    spool = Spool(tmp_path / "spool.db")
+    spool.open()
+    clock = FakeClock()
+    alerts = Alerts(mail_settings(make_settings, inbox, alert_database_seconds=300), spool=spool, clock=clock)
+    alerts.start()
+    try:
+        alerts.database_down("OperationalError: sin conexión")
+        # Events are handled in order: once this mail is in, the outage started before the clock moves.
+        alerts.unmatched("dep-huerfano", "req-1", 86400)
+        inbox.wait(1)
+        clock.now += 300
+        down = inbox.wait(2)[1]
+    finally:
+        alerts.stop()
+        spool.close()
+    assert "spool sin poder guardar" not in down.subject
+    assert "se siguen aceptando" in down.body and "503 (no guardados)" not in down.body
+
+
+def test_a_callback_refused_for_good_mail_does_not_claim_it_is_still_in_the_spool(
+    make_settings: Callable[..., Settings], inbox: Inbox
+) -> None:
+    alerts = Alerts(mail_settings(make_settings, inbox), clock=FakeClock())
+    alerts.start()
+    try:
+        alerts.refused_for_good("dep-columna", "RUN_COMPLETED", "ProgrammingError: columna no existe", 7)
+        (mail,) = inbox.wait(1)
+    finally:
+        alerts.stop()
+    assert "sigue guardado" not in mail.body
+    assert "quedó guardado en el spool con el error" in mail.body and "`sam-callback spool list`" in mail.body
 
 
 def test_without_a_mail_server_alerts_are_error_lines_once_per_interval(

@@ -23,6 +23,7 @@ class Alert:
     kind: AlertKind
     occurrences: tuple[tuple[float, Occurrence], ...]
     unlisted: int = 0
+    # Occurrences held back by the repeat interval; for refused callbacks, those counted since the last mail.
     held: int = 0
 
 
@@ -42,13 +43,7 @@ class _RefusalTally:
         else:
             self.others += count
 
-    def absorb(self, other: _RefusalTally) -> None:
-        for (client, status, reasons), count in other.counts.items():
-            self.add(Refusal(client, status, reasons), count)
-        self.others += other.others
-        self.total += other.others
-
-    def summary(self) -> RefusedCallbacks:
+    def summary(self, *, since_last_mail: bool = False) -> RefusedCallbacks:
         ranked = sorted(self.counts.items(), key=lambda item: (-item[1], item[0][:2], describe(item[0][2])))
         listed = ranked[:_LISTED]
         others = self.others + sum(count for _, count in ranked[_LISTED:])
@@ -56,6 +51,7 @@ class _RefusalTally:
             total=self.total,
             sources=tuple((client, status, describe(reasons), count) for (client, status, reasons), count in listed),
             others=others,
+            since_last_mail=since_last_mail,
         )
 
 
@@ -83,16 +79,31 @@ class AlertPolicy:
         self._window: deque[tuple[float, Refusal]] = deque()
         self._last_sent: dict[AlertKind, float] = {}
         self._held: dict[AlertKind, _Held] = {}
-        self._held_refusals: _RefusalTally | None = None
+        # Refusals counted after a refused-callbacks mail, while its repeat interval runs.
+        self._refusals_since_mail: _RefusalTally | None = None
+        # Callbacks answered 503 since the database last answered: the spool could not keep them.
+        self._lost_since_up = 0
         self._down_since: float | None = None
         self._down_error: str | None = None
         # None while no alert was raised for the current outage; else whether it was mailed.
         self._down_mailed: bool | None = None
 
     def refusal(self, refusal: Refusal, now: float, wall: float) -> list[Alert]:
-        """A callback refused with 401, 403 or 429."""
+        """A callback refused with 401, 403 or 429.
+
+        Until the threshold is reached, refusals wait in a 10-minute window. Once a mail went out,
+        every refusal until its repeat interval ends is counted, whatever their number, and mailed
+        when the interval ends (or at stop): none ages out of a window unreported.
+        """
         if self.auth_failures <= 0:
             return []
+        kind = AlertKind.REFUSED_CALLBACKS
+        if not self._may_send(kind, now) or self._refusals_since_mail is not None:
+            if self._refusals_since_mail is None:
+                self._refusals_since_mail = _RefusalTally()
+            self._refusals_since_mail.add(refusal)
+            # The interval may be over with the tick still to come: then this mail goes now.
+            return self._mail_refusals_since(now, wall) if self._may_send(kind, now) else []
         window = self._window
         window.append((now, refusal))
         while window and now - window[0][0] > AUTH_WINDOW_SECONDS:
@@ -103,23 +114,20 @@ class AlertPolicy:
         for _, each in window:
             tally.add(each)
         window.clear()
-        kind = AlertKind.REFUSED_CALLBACKS
-        if not self._may_send(kind, now):
-            if self._held_refusals is None:
-                self._held_refusals = tally
-            else:
-                self._held_refusals.absorb(tally)
-            self._held_for(kind).count += 1
-            return []
-        held = self._held.pop(kind, None)
-        if self._held_refusals is not None:
-            self._held_refusals.absorb(tally)
-            tally, self._held_refusals = self._held_refusals, None
         self._last_sent[kind] = now
-        return [Alert(kind, ((wall, tally.summary()),), held=held.count if held else 0)]
+        return [Alert(kind, ((wall, tally.summary()),))]
+
+    def _mail_refusals_since(self, now: float, wall: float) -> list[Alert]:
+        tally, self._refusals_since_mail = self._refusals_since_mail, None
+        if tally is None or not tally.total:
+            return []
+        self._last_sent[AlertKind.REFUSED_CALLBACKS] = now
+        return [Alert(AlertKind.REFUSED_CALLBACKS, ((wall, tally.summary(since_last_mail=True)),), held=tally.total)]
 
     def occurrence(self, kind: AlertKind, what: Occurrence, now: float, wall: float) -> list[Alert]:
         """Something that is an alert on its own (a 503, a refusal for good, unmatched, rejected)."""
+        if kind is AlertKind.UNAVAILABLE:
+            self._lost_since_up += 1
         return self._emit(kind, what, now, wall)
 
     def database_down(self, error: str | None, now: float, wall: float) -> list[Alert]:
@@ -131,6 +139,7 @@ class AlertPolicy:
 
     def database_up(self, now: float, wall: float) -> list[Alert]:
         """The database answers again: a second mail when the outage raised the first."""
+        lost, self._lost_since_up = self._lost_since_up, 0
         if self._down_since is None:
             return []
         seconds = now - self._down_since
@@ -138,11 +147,14 @@ class AlertPolicy:
         self._down_since, self._down_error, self._down_mailed = None, None, None
         if mailed is None:
             return []
-        return self._emit(AlertKind.DATABASE_BACK, DatabaseBack(seconds, self.backlog()), now, wall, force=mailed)
+        back = DatabaseBack(seconds, self.backlog(), lost)
+        return self._emit(AlertKind.DATABASE_BACK, back, now, wall, force=mailed)
 
     def tick(self, now: float, wall: float) -> list[Alert]:
         """Periodic work: the database timer, and held alerts whose repeat interval is over."""
         alerts = self._check_database(now, wall)
+        if self._may_send(AlertKind.REFUSED_CALLBACKS, now):
+            alerts += self._mail_refusals_since(now, wall)
         for kind in list(self._held):
             if self._may_send(kind, now):
                 alerts += self.flush_kind(kind, now, wall)
@@ -150,7 +162,7 @@ class AlertPolicy:
 
     def flush(self, now: float, wall: float) -> list[Alert]:
         """Every held alert, whatever the interval (at stop: their count would be lost)."""
-        alerts: list[Alert] = []
+        alerts = self._mail_refusals_since(now, wall)
         for kind in list(self._held):
             alerts += self.flush_kind(kind, now, wall)
         return alerts
@@ -161,9 +173,6 @@ class AlertPolicy:
         if held is None or not held.count:
             return []
         self._last_sent[kind] = now
-        if kind is AlertKind.REFUSED_CALLBACKS and self._held_refusals is not None:
-            tally, self._held_refusals = self._held_refusals, None
-            return [Alert(kind, ((wall, tally.summary()),), held=held.count)]
         return [Alert(kind, tuple(held.items), unlisted=held.count - len(held.items), held=held.count)]
 
     def _check_database(self, now: float, wall: float) -> list[Alert]:
@@ -172,7 +181,8 @@ class AlertPolicy:
         seconds = now - self._down_since
         if seconds < self.database_seconds:
             return []
-        alerts = self._emit(AlertKind.DATABASE_DOWN, DatabaseDown(seconds, self._down_error, self.backlog()), now, wall)
+        down = DatabaseDown(seconds, self._down_error, self.backlog(), self._lost_since_up)
+        alerts = self._emit(AlertKind.DATABASE_DOWN, down, now, wall)
         self._down_mailed = bool(alerts)
         return alerts
 

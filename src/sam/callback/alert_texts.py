@@ -58,10 +58,14 @@ class RefusedCallbacks:
     total: int
     sources: tuple[tuple[str, int, str, int], ...]
     others: int = 0
+    # Counted after the previous mail of this kind, below the threshold or not.
+    since_last_mail: bool = False
 
     def lines(self) -> list[str]:
         """A total, then one line per address, answer and reason."""
-        lines = [f"{self.total} callbacks rechazados (dirección, respuesta, motivo):"]
+        refused = "1 callback rechazado" if self.total == 1 else f"{self.total} callbacks rechazados"
+        since = " desde el correo anterior" if self.since_last_mail else ""
+        lines = [f"{refused}{since} (dirección, respuesta, motivo):"]
         lines += [f"  {count} × {status} desde {client}: {reason}" for client, status, reason, count in self.sources]
         if self.others:
             lines.append(f"  {self.others} más desde otras direcciones o por otros motivos")
@@ -75,14 +79,24 @@ class DatabaseDown:
     seconds: float
     error: str | None
     backlog: int | None
+    # Callbacks answered 503 since the database last answered: the spool could not keep them.
+    lost: int = 0
+
+    @property
+    def spool_failing(self) -> bool:
+        """The spool is not keeping callbacks either: some got 503, or it cannot even be read."""
+        return self.lost > 0 or self.backlog is None
 
     def lines(self) -> list[str]:
-        """How long, the last error, and the spool backlog."""
-        return [
+        """How long, the last error, the spool backlog and the callbacks refused with 503."""
+        lines = [
             f"sin respuesta desde hace {duration(self.seconds)}",
             f"último error: {self.error or 'desconocido'}",
             f"callbacks guardados en el spool a la espera: {_count(self.backlog)}",
         ]
+        if self.spool_failing:
+            lines.append(f"callbacks rechazados con 503 (no guardados) durante la caída: {self.lost}")
+        return lines
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,13 +105,17 @@ class DatabaseBack:
 
     seconds: float
     backlog: int | None
+    lost: int = 0
 
     def lines(self) -> list[str]:
-        """How long it was out and what waits in the spool."""
-        return [
+        """How long it was out, what waits in the spool, and what was lost with a 503."""
+        lines = [
             f"responde de nuevo tras {duration(self.seconds)} sin respuesta",
             f"callbacks en el spool pendientes de aplicar: {_count(self.backlog)}",
         ]
+        if self.lost:
+            lines.append(f"callbacks rechazados con 503 (perdidos) durante la caída: {self.lost}")
+        return lines
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,7 +255,8 @@ _TEXTS: dict[AlertKind, _Text] = {
         subject="Callback rechazado por la base de datos",
         what=(
             "La base de datos rechazó un callback por un motivo que reintentar no arregla (una columna que falta, un "
-            "valor demasiado largo, un permiso). El callback sigue guardado en el spool con el error."
+            "valor demasiado largo, un permiso). El callback quedó guardado en el spool con el error; "
+            "`sam-callback spool list` muestra si sigue allí (un `spool retry` posterior puede haberlo aplicado ya)."
         ),
         cost=(
             "No se pierde mientras siga en el spool, pero SAM no verá ese estado hasta que se corrija la causa; "
@@ -253,7 +272,8 @@ _TEXTS: dict[AlertKind, _Text] = {
         subject="Callback sin ejecución en SAM",
         what=(
             "Un callback esperó su fila en Ejecuciones durante toda la ventana CALLBACK_MATCH_WINDOW_SECONDS y no "
-            "apareció; queda en el spool como no emparejado."
+            "apareció; quedó en el spool como no emparejado (`sam-callback spool list --unmatched` muestra si sigue "
+            "allí)."
         ),
         cost=(f"Ese estado final no llegará a Ejecuciones por sí solo. {_LOST}: el spool guarda la única copia."),
         check=(
@@ -277,6 +297,64 @@ _TEXTS: dict[AlertKind, _Text] = {
 }
 
 
+# Variants whose first lines would not be true as written above.
+_REFUSED_SINCE_LAST_MAIL = _Text(
+    subject=_TEXTS[AlertKind.REFUSED_CALLBACKS].subject,
+    what=(
+        "sam-callback ha seguido rechazando callbacks por sus credenciales o por su dirección de origen (respuestas "
+        "401, 403 o 429) después del correo anterior de este tipo. Tras un aviso se cuentan todos los rechazos "
+        "hasta que acaba CALLBACK_ALERT_REPEAT_SECONDS, alcancen o no el umbral, y se envían en este correo."
+    ),
+    cost=_TEXTS[AlertKind.REFUSED_CALLBACKS].cost,
+    check=_TEXTS[AlertKind.REFUSED_CALLBACKS].check,
+)
+
+_DATABASE_DOWN_SPOOL_FAILING = _Text(
+    subject=f"{_TEXTS[AlertKind.DATABASE_DOWN].subject} y spool sin poder guardar",
+    what=(
+        "La base de datos de SAM no responde desde hace más de CALLBACK_ALERT_DATABASE_SECONDS y el spool local "
+        "(CALLBACK_SPOOL_PATH) tampoco puede guardar: los callbacks que llegan se rechazan con 503 y no se guardan "
+        "en ninguna parte."
+    ),
+    cost=(
+        f"Cada callback rechazado con 503 se ha perdido: {_LOST}, salvo que alguien lo reenvíe a mano. SAM no "
+        "verá el final de esas ejecuciones (quedarán con el estado que les asigne su conciliador), y ninguno se "
+        "aplicará cuando vuelva la base de datos."
+    ),
+    check=(
+        "Primero el spool: espacio libre en su disco y permisos de la carpeta CALLBACK_SPOOL_PATH (el log dice por "
+        "qué falló: 'No se pudo guardar en el spool'). Después el servidor de base de datos y la red hasta él, "
+        "SQL_SAM_HOST / SAM_DATABASE_URL, el usuario SQL_SAM_USUARIO y su contraseña; `sam-callback check` prueba "
+        "ambos. Los correos «Callback perdido: respuesta 503» nombran cada callback perdido. Cuando la base de datos "
+        "vuelva a responder llegará otro correo."
+    ),
+)
+
+_DATABASE_BACK_AFTER_LOSSES = _Text(
+    subject=_TEXTS[AlertKind.DATABASE_BACK].subject,
+    what=_TEXTS[AlertKind.DATABASE_BACK].what,
+    cost=(
+        "Lo guardado en el spool se aplica ahora, en orden de llegada. Pero durante la caída el spool tampoco pudo "
+        f"guardar y algunos callbacks se rechazaron con 503: esos se perdieron ({_LOST}) salvo que se reenvíen a mano."
+    ),
+    check=(
+        "Las ejecuciones de los correos «Callback perdido: respuesta 503» en SAM, y el disco y los permisos de "
+        "CALLBACK_SPOOL_PATH. Que el spool se vacíe: `sam-callback status` o GET /ready (spool.backlog)."
+    ),
+)
+
+
+def _text_for(alert: Alert) -> _Text:
+    last = alert.occurrences[-1][1] if alert.occurrences else None
+    if isinstance(last, RefusedCallbacks) and last.since_last_mail:
+        return _REFUSED_SINCE_LAST_MAIL
+    if isinstance(last, DatabaseDown) and last.spool_failing:
+        return _DATABASE_DOWN_SPOOL_FAILING
+    if isinstance(last, DatabaseBack) and last.lost:
+        return _DATABASE_BACK_AFTER_LOSSES
+    return _TEXTS[alert.kind]
+
+
 @dataclass(frozen=True, slots=True)
 class RenderedAlert:
     """A mail's subject and body, and one line for the log."""
@@ -288,7 +366,7 @@ class RenderedAlert:
 
 def render(alert: Alert, *, host: str, repeat_seconds: int) -> RenderedAlert:
     """The Spanish mail for `alert`: what happened, what it costs, what to check."""
-    text = _TEXTS[alert.kind]
+    text = _text_for(alert)
     total = len(alert.occurrences) + alert.unlisted
     subject = f"[sam-callback {host}] {text.subject}" + (f" ({total})" if total > 1 else "")
     happened: list[str] = []
@@ -299,7 +377,17 @@ def render(alert: Alert, *, host: str, repeat_seconds: int) -> RenderedAlert:
     if alert.unlisted:
         happened.append(f"- y {alert.unlisted} más (se muestran los {len(alert.occurrences)} más recientes)")
     held = ""
-    if alert.held:
+    if alert.held and alert.kind is AlertKind.REFUSED_CALLBACKS:
+        counted = (
+            "el callback rechazado después del correo anterior se contó y se incluye"
+            if alert.held == 1
+            else f"los {alert.held} callbacks rechazados después del correo anterior se contaron y se incluyen"
+        )
+        held = (
+            f"\n\nComo máximo se envía un correo de cada tipo cada {duration(repeat_seconds)} "
+            f"(CALLBACK_ALERT_REPEAT_SECONDS): {counted} en este."
+        )
+    elif alert.held:
         held = (
             f"\n\nComo máximo se envía un correo de cada tipo cada {duration(repeat_seconds)} "
             f"(CALLBACK_ALERT_REPEAT_SECONDS): {alert.held} avisos de este tipo se retuvieron desde el anterior "

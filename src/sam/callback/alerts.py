@@ -9,13 +9,24 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from functools import partial
 
 from .alert_policy import Alert, AlertPolicy
-from .alert_texts import AlertKind, Occurrence, Refusal, RefusedForGood, Rejected, Unavailable, Unmatched, render
+from .alert_texts import (
+    AlertKind,
+    Occurrence,
+    Refusal,
+    RefusedForGood,
+    Rejected,
+    RenderedAlert,
+    Unavailable,
+    Unmatched,
+    render,
+)
 from .domain import AuthFailure
 from .logs import RedactingFilter
-from .mail import SMTP_TIMEOUT_SECONDS, MailConfig, MailError, compose, send
+from .mail import CLEAR_WITHOUT_STARTTLS, SMTP_TIMEOUT_SECONDS, MailConfig, MailError, compose, send
 from .settings import Settings
 from .spool import Spool, SpoolError
 
@@ -24,7 +35,7 @@ log = logging.getLogger("sam.callback.alerts")
 TICK_SECONDS = 1.0
 _EVENT_QUEUE_SIZE = 10_000
 _MAIL_QUEUE_SIZE = 100
-_STOP_WAIT_SECONDS = 5.0
+STOP_WAIT_SECONDS = 5.0
 
 _Event = Callable[[float, float], list[Alert]]
 
@@ -40,6 +51,7 @@ class Alerts:
         secrets: Iterable[str] = (),
         clock: Callable[[], float] = time.monotonic,
         timeout: float = SMTP_TIMEOUT_SECONDS,
+        stop_seconds: float = STOP_WAIT_SECONDS,
     ) -> None:
         self.mail = MailConfig.from_settings(settings)
         self.repeat_seconds = settings.alert_repeat_seconds
@@ -50,6 +62,7 @@ class Alerts:
             backlog=self._backlog,
         )
         self.timeout = timeout
+        self.stop_seconds = stop_seconds
         self.host = socket.gethostname()
         self._spool = spool
         self._redact = RedactingFilter(secrets).redact
@@ -60,6 +73,12 @@ class Alerts:
         self._sender: threading.Thread | None = None
         self._dropped = 0
         self._dropped_logged = 0
+        # The alert the sender is mailing, and whether stop gave up on the sender; under _lock, so
+        # an alert is reported unsent by stop or by the sender, never by both and never by neither.
+        self._lock = threading.Lock()
+        self._in_flight: Alert | None = None
+        self._abandoned = False
+        self._warned_clear = False
 
     # --- what the request path and the writer call: enqueue only ------------------------------
 
@@ -116,25 +135,52 @@ class Alerts:
             )
         else:
             log.info("Alertas por correo a %s mediante %s", ", ".join(self.mail.recipients), self.mail.describe())
+        self._abandoned = False
         self._watcher = threading.Thread(target=self._watch, name="sam-callback-alerts", daemon=True)
         self._sender = threading.Thread(target=self._send_loop, name="sam-callback-mail", daemon=True)
         self._watcher.start()
         self._sender.start()
 
     def stop(self) -> None:
-        """Mail what is held back, then stop; a mail server that hangs delays this a few seconds at most."""
+        """Mail what is held back, then stop within `stop_seconds`; what could not go is logged at ERROR."""
         if self._watcher is None or self._sender is None:
             return
-        deadline = time.monotonic() + _STOP_WAIT_SECONDS
+        deadline = time.monotonic() + self.stop_seconds
         with contextlib.suppress(queue.Full):
-            self._events.put(None, timeout=_STOP_WAIT_SECONDS)
+            self._events.put(None, timeout=self.stop_seconds)
         self._watcher.join(max(0.0, deadline - time.monotonic()))
         with contextlib.suppress(queue.Full):
             self._mails.put(None, timeout=max(0.01, deadline - time.monotonic()))
         self._sender.join(max(0.0, deadline - time.monotonic()))
         if self._sender.is_alive():
-            log.error("Se detiene el servicio con alertas sin enviar: el servidor de correo no responde")
+            self._give_up_on_sender()
         self._watcher = self._sender = None
+
+    def _give_up_on_sender(self) -> None:
+        """The mail server did not answer in time: log the alert being sent and every queued one."""
+        with self._lock:
+            self._abandoned = True
+            unsent = [self._in_flight] if self._in_flight is not None else []
+            self._in_flight = None
+        while True:
+            try:
+                alert = self._mails.get_nowait()
+            except queue.Empty:
+                break
+            if alert is not None:
+                unsent.append(alert)
+        # The sender ends once its current try times out, instead of waiting forever on the queue.
+        with contextlib.suppress(queue.Full):
+            self._mails.put_nowait(None)
+        log.error(
+            "Se detiene el servicio con %d alertas sin enviar: el servidor de correo no respondió en %g s",
+            len(unsent), self.stop_seconds,
+        )  # fmt: skip
+        for alert in unsent:
+            self._log_unsent(alert, "el servidor de correo no respondió antes de detener el servicio")
+
+    def _log_unsent(self, alert: Alert, why: str) -> None:
+        log.error("Alerta no enviada por correo (%s). ALERTA %s", why, self._rendered(alert).summary)
 
     # --- the watcher thread -------------------------------------------------------------------
 
@@ -164,9 +210,7 @@ class Alerts:
             try:
                 self._mails.put_nowait(alert)
             except queue.Full:
-                log.error(
-                    "Cola de alertas llena (el servidor de correo no da abasto); alerta descartada: %s", alert.kind
-                )
+                self._log_unsent(alert, "cola de correos llena: el servidor de correo no da abasto")
 
     def _note_dropped(self) -> None:
         if self._dropped != self._dropped_logged:
@@ -188,26 +232,62 @@ class Alerts:
             alert = self._mails.get()
             if alert is None:
                 return
+            with self._lock:
+                abandoned = self._abandoned
+                if not abandoned:
+                    self._in_flight = alert
+            if abandoned:
+                self._log_unsent(alert, "el servicio se detuvo antes de poder enviarla")
+                continue
             try:
                 self._deliver(alert)
             except Exception:
                 log.exception("Error inesperado al entregar una alerta")
+            finally:
+                self._finished(alert)
+
+    def _finished(self, alert: Alert) -> bool:
+        """Whether `alert` is still the sender's to report (False once stop logged it as unsent)."""
+        with self._lock:
+            mine = self._in_flight is alert
+            if mine:
+                self._in_flight = None
+            return mine
+
+    def _rendered(self, alert: Alert) -> RenderedAlert:
+        text = render(alert, host=self.host, repeat_seconds=self.repeat_seconds)
+        return RenderedAlert(
+            subject=self._redact(text.subject), body=self._redact(text.body), summary=self._redact(text.summary)
+        )
 
     def _deliver(self, alert: Alert) -> None:
-        text = render(alert, host=self.host, repeat_seconds=self.repeat_seconds)
-        subject, body, summary = self._redact(text.subject), self._redact(text.body), self._redact(text.summary)
+        text = self._rendered(alert)
         if self.mail is None or self.mail.problems():
-            log.error("ALERTA %s", summary)
+            log.error("ALERTA %s", text.summary)
             return
+        message = compose(self.mail, subject=text.subject, body=text.body, host_name=self.host)
         try:
-            send(self.mail, compose(self.mail, subject=subject, body=body, host_name=self.host), timeout=self.timeout)
+            security = send(self.mail, message, timeout=self.timeout)
         except MailError as exc:
-            log.error(
-                "No se pudo enviar la alerta por correo mediante %s: %s. ALERTA %s",
-                self.mail.describe(), self._redact(str(exc)), summary,
+            if self._finished(alert):
+                log.error(
+                    "No se pudo enviar la alerta por correo mediante %s: %s. ALERTA %s",
+                    self.mail.describe(), self._redact(str(exc)), text.summary,
+                )  # fmt: skip
+            return
+        transport = replace(self.mail, negotiated=security).describe()
+        log.info(
+            "Alerta enviada por correo a %d destinatarios mediante %s: %s",
+            len(self.mail.recipients),
+            transport,
+            text.subject,
+        )
+        if security == CLEAR_WITHOUT_STARTTLS and not self._warned_clear:
+            self._warned_clear = True
+            log.warning(
+                "EMAIL_TLS_HABILITAR está activo pero %s:%d no ofrece STARTTLS: las alertas viajan sin cifrar",
+                self.mail.host, self.mail.port,
             )  # fmt: skip
-        else:
-            log.info("Alerta enviada por correo a %d destinatarios: %s", len(self.mail.recipients), subject)
 
 
 def _tick(now: float, wall: float) -> list[Alert]:

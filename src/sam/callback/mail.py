@@ -7,7 +7,7 @@ import smtplib
 import socket
 import ssl
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
@@ -18,6 +18,8 @@ from .settings import Settings
 SMTP_TIMEOUT_SECONDS = 10.0
 # Port 465 speaks TLS from the first byte (SMTPS); every other port starts in clear text.
 IMPLICIT_TLS_PORT = 465
+# How a mail went when EMAIL_TLS_HABILITAR asked for STARTTLS, there was no user, and the server did not offer it.
+CLEAR_WITHOUT_STARTTLS = "sin cifrar: el servidor no ofrece STARTTLS"
 
 
 class MailError(Exception):
@@ -35,6 +37,8 @@ class MailConfig:
     use_tls: bool
     user: str | None
     password: str | None = field(default=None, repr=False)
+    # How the last mail actually travelled (see `send`); None before any was sent.
+    negotiated: str | None = field(default=None, compare=False)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> MailConfig | None:
@@ -61,11 +65,14 @@ class MailConfig:
         return problems
 
     def describe(self) -> str:
-        """The server and how it is reached, for operators (never the password)."""
-        if self.port == IMPLICIT_TLS_PORT:
+        """The server and how it is (or, once sent, was) reached, for operators (never the password)."""
+        if self.negotiated:
+            security = self.negotiated
+        elif self.port == IMPLICIT_TLS_PORT:
             security = "TLS"
         elif self.use_tls:
-            security = "STARTTLS"
+            # With a user STARTTLS is required; without one the mail goes in clear if the server lacks it.
+            security = "STARTTLS" if self.user else "STARTTLS si el servidor lo ofrece"
         else:
             security = "sin cifrar"
         login = f"usuario {self.user}" if self.user else "sin usuario"
@@ -85,33 +92,41 @@ def compose(config: MailConfig, *, subject: str, body: str, host_name: str) -> E
     return message
 
 
-def send(config: MailConfig, message: EmailMessage, *, timeout: float = SMTP_TIMEOUT_SECONDS) -> None:
-    """Deliver `message`; raise MailError saying why not (Spanish, no secret)."""
+def send(config: MailConfig, message: EmailMessage, *, timeout: float = SMTP_TIMEOUT_SECONDS) -> str:
+    """Deliver `message` and say how it travelled ("TLS", "STARTTLS", "sin cifrar", CLEAR_WITHOUT_STARTTLS).
+
+    Raises MailError saying why not (Spanish, no secret).
+    """
     problems = config.problems()
     if problems:
         raise MailError("; ".join(problems))
     try:
-        _deliver(config, message, timeout)
+        return _deliver(config, message, timeout)
     except MailError:
         raise
     except (smtplib.SMTPException, OSError, ValueError) as exc:
         raise MailError(explain(exc, timeout)) from None
 
 
-def _deliver(config: MailConfig, message: EmailMessage, timeout: float) -> None:
+def _deliver(config: MailConfig, message: EmailMessage, timeout: float) -> str:
     context = ssl.create_default_context()
     smtp: smtplib.SMTP
     if config.port == IMPLICIT_TLS_PORT:
         smtp = smtplib.SMTP_SSL(config.host, config.port, timeout=timeout, context=context)
+        security = "TLS"
     else:
         smtp = smtplib.SMTP(config.host, config.port, timeout=timeout)
+        security = "sin cifrar"
     with smtp:
         smtp.ehlo()
         if config.use_tls and config.port != IMPLICIT_TLS_PORT:
             if smtp.has_extn("starttls"):
                 smtp.starttls(context=context)
                 smtp.ehlo()
-            elif config.user:
+                security = "STARTTLS"
+            elif not config.user:
+                security = CLEAR_WITHOUT_STARTTLS
+            else:
                 raise MailError(
                     "el servidor no ofrece STARTTLS y no se envía la contraseña sin cifrar "
                     "(revise EMAIL_SMTP_HOST/EMAIL_SMTP_PUERTO o use EMAIL_TLS_HABILITAR=False sin usuario)"
@@ -121,6 +136,7 @@ def _deliver(config: MailConfig, message: EmailMessage, timeout: float) -> None:
         refused = smtp.send_message(message, from_addr=config.sender, to_addrs=list(config.recipients))
         if refused:
             raise MailError("el servidor rechazó algunos destinatarios: " + ", ".join(sorted(refused)))
+    return security
 
 
 def explain(exc: BaseException, timeout: float = SMTP_TIMEOUT_SECONDS) -> str:
@@ -163,7 +179,10 @@ def _reply_text(reply: bytes | str) -> str:
 
 
 def send_test_mail(settings: Settings, secrets: Iterable[str] = ()) -> MailConfig:
-    """Send one test mail with the configured settings; raise MailError (Spanish, no secret) if it fails."""
+    """Send one test mail; return the configuration with how it travelled (`describe()` says so).
+
+    Raises MailError (Spanish, no secret) if it fails.
+    """
     config = MailConfig.from_settings(settings)
     if config is None:
         raise MailError("EMAIL_SMTP_HOST no está configurado: las alertas solo se registran en el log (nivel ERROR)")
@@ -180,7 +199,7 @@ def send_test_mail(settings: Settings, secrets: Iterable[str] = ()) -> MailConfi
     )
     message = compose(config, subject=f"[sam-callback {host}] Correo de prueba", body=body, host_name=host)
     try:
-        send(config, message)
+        security = send(config, message)
     except MailError as exc:
         raise MailError(RedactingFilter(secrets).redact(f"{config.describe()}: {exc}")) from None
-    return config
+    return replace(config, negotiated=security)
