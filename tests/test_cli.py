@@ -91,6 +91,23 @@ def test_send_posts_a_sample_callback_to_a_running_server(
     assert server.stop() == 0
 
 
+def test_send_carries_a_latin1_token_as_sams_launcher_does(
+    server_factory: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    """'ñ' travels as one Latin-1 byte (requests does the same) and matches; a token outside Latin-1 is refused cleanly."""
+    token = "señal-de-prueba-con-eñe-0123456789abcdef"
+    server = server_factory(CALLBACK_TOKEN=token).start()
+    sent = cli(tmp_path, "send", "--url", server.callback_url, CALLBACK_TOKEN=token)
+    assert sent.returncode == 0 and "HTTP 200" in sent.stdout, sent.stdout + sent.stderr
+    refused = cli(tmp_path, "send", "--url", server.callback_url, CALLBACK_TOKEN="token-con-€-0123456789abcdef-xyz")
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "CALLBACK_TOKEN tiene caracteres que no caben en una cabecera HTTP" in refused.stderr
+    assert "€" not in refused.stderr + refused.stdout
+    checked = cli(tmp_path, "check", CALLBACK_TOKEN=token)
+    assert "CALLBACK_TOKEN tiene caracteres no ASCII" in checked.stdout and token not in checked.stdout
+    assert server.stop() == 0
+
+
 def test_spool_list_retry_purge(server_factory: Callable[..., ServerProcess], tmp_path: Path) -> None:
     server = server_factory(CALLBACK_MATCH_WINDOW_SECONDS="0").start()
     env = {"CALLBACK_SPOOL_PATH": server.env["CALLBACK_SPOOL_PATH"]}

@@ -109,6 +109,15 @@ def run_checks(settings: Settings) -> int:
         if len(token) < MIN_TOKEN_LENGTH:
             name = "CALLBACK_TOKEN" if index == 0 and settings.token else f"CALLBACK_TOKENS_ANTERIORES n.º {index}"
             _line(None, f"{name} tiene {len(token)} caracteres; se recomiendan al menos {MIN_TOKEN_LENGTH}")
+        if not token.isascii():
+            name = "CALLBACK_TOKEN" if index == 0 and settings.token else f"CALLBACK_TOKENS_ANTERIORES n.º {index}"
+            # HTTP header values travel as Latin-1 (SAM's launcher, Python's requests, encodes them
+            # so): a character outside it cannot be sent at all, and other tools may send UTF-8.
+            _line(
+                None,
+                f"{name} tiene caracteres no ASCII: el lanzador de SAM lo envía en Latin-1 y otras "
+                "herramientas quizá en UTF-8 (que no coincidiría); use solo letras, cifras y signos ASCII",
+            )
     _mail_lines(settings)
     url = settings.resolved_database_url()
     unusable = driver_problem(url)

@@ -111,6 +111,12 @@ def build_request(
             "status": status or "RUN_COMPLETED",
             "botOutput": {"origen": {"type": "STRING", "string": "sam-callback send"}},
         }
+    for name, variable in (("X-Authorization", "CALLBACK_TOKEN"), ("x-ibm-client-id", "APIGW_CLIENT_ID")):
+        try:
+            headers.get(name, "").encode("latin-1")
+        except UnicodeEncodeError:
+            # SAM's launcher (requests) could not send it either: its headers travel as Latin-1.
+            raise SendError(f"{variable} tiene caracteres que no caben en una cabecera HTTP (Latin-1)") from None
     return CallbackRequest(
         mode=mode, deployment_id=deployment_id, probe=probe, body=body, headers=headers, warnings=tuple(warnings)
     )
@@ -119,7 +125,9 @@ def build_request(
 def post_callback(request: CallbackRequest, *, url: str, verify: bool) -> tuple[int, str]:
     """POST the callback; return the HTTP status and the answer's text."""
     try:
-        answer = httpx.post(url, json=request.body, headers=request.headers, timeout=15, verify=verify)
+        # Latin-1, as SAM's launcher (requests) encodes header values: "ñ" arrives as one byte.
+        headers = {name.encode("ascii"): value.encode("latin-1") for name, value in request.headers.items()}
+        answer = httpx.post(url, json=request.body, headers=headers, timeout=15, verify=verify)
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
         # Some transport errors quote the offending header value: mask every one we sent.
         message = str(exc)
