@@ -8,12 +8,15 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 import sqlalchemy as sa
+from fastapi.testclient import TestClient
 
-from sam.callback.settings import DEFAULT_FINAL_STATES
+from sam.callback.app import create_app
+from sam.callback.settings import DEFAULT_FINAL_STATES, Settings
 from tests.faults_support import (
     FINAL,
     Answer,
@@ -207,3 +210,24 @@ def test_database_that_never_answers_still_gets_callbacks_answered(
         assert row is not None
         assert (row["Estado"], row["CallbackInfo"]) == (FINAL, body)
     assert server.stop() == 0
+
+
+def test_an_outage_is_noticed_and_its_end_too_with_no_callback_arriving(pg_url: str, tmp_path: Path) -> None:
+    """The writer looks at an idle database now and then: the outage is logged (and alerted) without traffic."""
+    with TcpProxy(5432) as proxy:
+        settings = Settings(
+            _env_file=None,  # type: ignore[call-arg]
+            database_url=proxy.url_for(pg_url),
+            spool_path=tmp_path / "spool" / "spool.db",
+            log_directory=tmp_path / "logs",
+            token=TOKEN,
+        )
+        with TestClient(create_app(settings)) as client:
+            recorder = client.app.state.runtime.recorder  # type: ignore[attr-defined]
+            recorder.heartbeat_seconds = 0.2
+            proxy.cut()
+            wait_for(lambda: not recorder.database_available, timeout=30, what="el corte se nota sin callbacks")
+            proxy.restore()
+            wait_for(lambda: recorder.database_available, timeout=60, what="la vuelta se nota sin callbacks")
+    log = settings.log_file.read_text(encoding="utf-8")
+    assert "Base de datos no disponible" in log and "La base de datos responde de nuevo" in log

@@ -70,6 +70,20 @@ def test_bodies_of_unauthenticated_requests_are_never_kept(settings: Settings) -
         store.close()
 
 
+def test_mode_none_stores_no_body(make_settings: Callable[..., Settings]) -> None:
+    """CALLBACK_AUTH_MODE=none authenticates nobody, so no rejected body is kept; the answer is the same."""
+    settings = make_settings(auth_mode="none", token=None)
+    with TestClient(create_app(settings)) as client:
+        assert client.post("/api/callback", content=b'["no es un objeto"]').status_code == 400
+        answer = client.post("/api/callback", content=b"<x/>", headers={"Content-Type": "application/xml"})
+        assert answer.status_code == 415
+    store = _store(settings)
+    try:
+        assert store.count() == 0
+    finally:
+        store.close()
+
+
 def test_only_the_newest_rejected_max_are_kept(make_settings: Callable[..., Settings]) -> None:
     settings = make_settings(rejected_max=3)
     with TestClient(create_app(settings)) as client:

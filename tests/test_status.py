@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import sqlalchemy as sa
 
 from sam.callback.settings import Settings
 from sam.callback.status import show_status
@@ -64,3 +65,29 @@ def test_status_when_nothing_listens(
     url = f"http://127.0.0.1:{free_port()}"
     assert show_status(make_settings(), url) == 1
     assert f"Instancia en {url}: NO RESPONDE" in capsys.readouterr().out
+
+
+def test_status_names_callbacks_the_database_refused_for_good(
+    server_factory: Callable[..., ServerProcess],
+    make_settings: Callable[..., Settings],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A table without FechaInicioReal (SAM's migration 005): status says why it is not ready, not only 'NO'."""
+    url = f"sqlite:///{(tmp_path / 'sam.db').as_posix()}"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            'CREATE TABLE "Ejecuciones" ("EjecucionId" INTEGER PRIMARY KEY, "DeploymentId" varchar(50) NOT NULL UNIQUE,'
+            ' "FechaInicio" timestamp NOT NULL DEFAULT CURRENT_TIMESTAMP, "FechaFin" timestamp, "Estado" varchar(20)'
+            ' NOT NULL, "FechaActualizacion" timestamp, "CallbackInfo" text)'
+        )
+        conn.exec_driver_sql("""INSERT INTO "Ejecuciones" ("DeploymentId", "Estado") VALUES ('sin-005', 'RUNNING')""")
+    engine.dispose()
+    server = server_factory(SAM_DATABASE_URL=url).start()
+    callback = {"deploymentId": "sin-005", "status": "RUN_COMPLETED"}
+    assert httpx.post(server.callback_url, json=callback, headers=auth_headers()).json()["code"] == "queued"
+    assert show_status(make_settings(), server.base_url) == 1
+    out = capsys.readouterr().out
+    assert "Base de datos:        responde" in out and "Preparado (/ready):   NO" in out
+    assert "Rechazados por la base de datos: 1 (" in out and "FechaInicioReal" in out

@@ -237,17 +237,18 @@ async def _ready(runtime: Runtime) -> JSONResponse:
             "oldest_age_seconds": round(time.time() - stats.oldest_received_at, 1) if stats.oldest_received_at else 0,
             "refused": stats.refused,
         }
-    warnings = []
+    # The same warnings as the operator page's.
+    warnings = runtime.warnings(stats)
     if runtime.settings.auth_mode == "none":
-        warnings.append("CALLBACK_AUTH_MODE=none: el endpoint no exige autenticación")
         log.warning("/ready: CALLBACK_AUTH_MODE=none, el endpoint no exige autenticación")
-    warnings.extend(runtime.authenticator.warnings)
-    if stats is None:
-        warnings.append("el spool no está disponible: si la base de datos cae, los callbacks se rechazarán con 503")
     refused = stats.refused if stats is not None else 0
     ok = database["reachable"] and not refused
     if not database["reachable"]:
-        message = "La base de datos no responde; los callbacks se guardan en el spool"
+        message = (
+            "La base de datos no responde; los callbacks se guardan en el spool"
+            if stats is not None
+            else "La base de datos no responde y el spool no está disponible: los callbacks se rechazan con 503"
+        )
     elif refused:
         # A refusal for good (SPEC 8) needs a person: the schema or a permission must be fixed.
         message = (

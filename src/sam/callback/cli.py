@@ -164,7 +164,7 @@ def _init_db(settings: Settings, args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"No se pudo crear la tabla: {problem}", file=sys.stderr)
         return EXIT_FAILED
-    repository = Repository(make_engine(url), settings.final_state_set)
+    repository = Repository(make_engine(url, connect_timeout=settings.sql_connect_timeout), settings.final_state_set)
     try:
         existed = repository.table_exists()
         repository.create_schema()

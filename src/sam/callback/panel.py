@@ -128,7 +128,7 @@ def _ping(runtime: Runtime) -> None:
 
 def _gather(runtime: Runtime, activity: Activity, database_error: str | None, deployment_filter: str) -> PanelView:
     stats = runtime.spool_stats()
-    warnings = service_warnings(runtime, stats)
+    warnings = runtime.warnings(stats)
     if database_error is None and runtime.recorder_ is not None and runtime.recorder_.last_db_error:
         warnings.append(f"Último error de la base de datos: {runtime.recorder_.last_db_error}")
     counts: dict[str, int] = {}
@@ -152,18 +152,6 @@ def _gather(runtime: Runtime, activity: Activity, database_error: str | None, de
         processes=[activity.snapshot(), *activity.others()],
         deployment_filter=deployment_filter,
     )
-
-
-def service_warnings(runtime: Runtime, stats: SpoolStats | None) -> list[str]:
-    """The warnings `GET /ready` reports, in its order and words: auth mode none, the authenticator's, no spool."""
-    warnings = []
-    if runtime.settings.auth_mode == "none":
-        warnings.append("CALLBACK_AUTH_MODE=none: el endpoint no exige autenticación")
-    # An unusable JWT key in mode optional, for one: the service serves, JWTs are refused.
-    warnings.extend(runtime.authenticator.warnings)
-    if stats is None:
-        warnings.append("el spool no está disponible: si la base de datos cae, los callbacks se rechazarán con 503")
-    return warnings
 
 
 def _rejected_count(runtime: Runtime) -> int | None:

@@ -30,6 +30,9 @@ _MAX_BATCH = 256
 _GATHER_SECONDS = 0.001
 _DRAIN_BATCH = 500
 _IDLE_CHECK = 1.0
+# With nothing to write, the database is still looked at this often: an outage (and the alert
+# it raises) is noticed without waiting for a callback to fail on it.
+HEARTBEAT_SECONDS = 15.0
 _MAX_DB_BACKOFF = 10.0
 # A callback the database refused for good (SPEC 8) is tried again this rarely on its own;
 # `sam-callback spool retry` makes it due at once after the fix.
@@ -111,6 +114,8 @@ class Recorder:
         self._db_retry_at = 0.0
         self._db_backoff = 0.0
         self._next_drain = 0.0
+        self.heartbeat_seconds = HEARTBEAT_SECONDS
+        self._next_heartbeat = 0.0
         self.last_db_error: str | None = None
         # Requests waiting for the writer, oldest first; only the event loop's thread touches it.
         self._waiting: deque[_Item] = deque()
@@ -392,6 +397,7 @@ class Recorder:
         )
 
     def _database_answered(self) -> None:
+        self._next_heartbeat = time.monotonic() + self.heartbeat_seconds
         if self._db_backoff:
             log.info("La base de datos responde de nuevo; se vacía el spool")
             self.events.on_database_up()
@@ -419,7 +425,7 @@ class Recorder:
         if due is None or due > now:
             if due is not None:
                 self._next_drain = min(self._next_drain, due)
-            if self._db_backoff:
+            if self._db_backoff or time.monotonic() >= self._next_heartbeat:
                 self._probe_database()
             return
         if not self.spool.claim_lease():
@@ -430,6 +436,7 @@ class Recorder:
             self._next_drain = time.time()  # more may be due: go again after the next batch
 
     def _probe_database(self) -> None:
+        self._next_heartbeat = time.monotonic() + self.heartbeat_seconds
         try:
             self.repository.ping()
         except SQLAlchemyError as exc:

@@ -180,6 +180,17 @@ class Runtime:
         close_logging(self.logging_handle)
         self.logging_handle = None
 
+    def warnings(self, stats: SpoolStats | None) -> list[str]:
+        """What `/ready` and the operator page warn of: auth mode none, the authenticator's, no spool."""
+        warnings = []
+        if self.settings.auth_mode == "none":
+            warnings.append("CALLBACK_AUTH_MODE=none: el endpoint no exige autenticación")
+        # An unusable JWT key in mode optional, for one: the service serves, JWTs are refused.
+        warnings.extend(self.authenticator.warnings)
+        if stats is None:
+            warnings.append("el spool no está disponible: si la base de datos cae, los callbacks se rechazarán con 503")
+        return warnings
+
     def spool_stats(self) -> SpoolStats | None:
         """Spool figures, or None when the spool cannot be read."""
         try:

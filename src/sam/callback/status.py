@@ -41,6 +41,11 @@ def show_status(settings: Settings, url: str | None) -> int:
         )
     else:
         out("  Spool:                NO disponible")
+    if spool.get("refused"):
+        # Refused for good (SPEC 8): why /ready says no while the database answers.
+        out(f"  Rechazados por la base de datos: {spool['refused']} ({database.get('refused_error') or '-'})")
+    if ready.status_code != 200 and body.get("message"):
+        out(f"  Motivo:               {body['message']}")
     out(f"  No emparejados:       {body.get('unmatched')}")
     out(f"  Modo de autenticación: {body.get('auth_mode')}")
     for warning in body.get("warnings", []):
