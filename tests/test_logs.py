@@ -181,7 +181,8 @@ def test_real_server_routes_uvicorn_logs_to_the_file_with_request_ids(
     assert server.stop() == 0
     lines = _lines(log_file)
     assert all(TEXT_LINE.match(line) for line in lines), lines
-    assert any(" - uvicorn.error - INFO - " in line and "Uvicorn running on" in line for line in lines)
+    assert any(" - uvicorn.error - INFO - " in line and "Application startup complete" in line for line in lines)
+    assert any(f"Escuchando en http://127.0.0.1:{server.port} (1 proceso(s))" in line for line in lines)
     assert any(" - uvicorn.access - " in line and "[req-uvicorn-1]" in line and "GET /health" in line for line in lines)
     assert not any(" - uvicorn.access - " in line and "/api/callback" in line for line in lines)
     assert any("sam-callback detenido" in line for line in lines)
