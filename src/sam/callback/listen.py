@@ -144,8 +144,8 @@ def bind_listeners(settings: Settings) -> list[socket.socket]:
     scheme = "https" if settings.ssl_certfile and settings.ssl_keyfile else "http"
     for listener in listeners:
         bound, bound_port = listener.getsockname()[:2]
-        address = f"[{bound}]:{bound_port}" if listener.family == socket.AF_INET6 else f"{bound}:{bound_port}"
-        log.info("Escuchando en %s://%s (%d proceso(s))", scheme, address, settings.server_workers)
+        where = f"[{bound}]:{bound_port}" if listener.family == socket.AF_INET6 else f"{bound}:{bound_port}"
+        log.info("Escuchando en %s://%s (%d proceso(s))", scheme, where, settings.server_workers)
     return listeners
 
 
