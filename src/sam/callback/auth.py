@@ -78,7 +78,7 @@ class JwtVerifier:
 
     def _decode(self, token: str, key: Any) -> dict[str, Any] | AuthFailure:
         try:
-            return jwt.decode(
+            claims: dict[str, Any] = jwt.decode(
                 token,
                 key=key,
                 algorithms=self.algorithms,
@@ -105,6 +105,11 @@ class JwtVerifier:
             # A key/algorithm mismatch or a malformed part surfaces as a plain error from the
             # crypto layer: it is still only an invalid token.
             return AuthFailure.JWT_INVALID
+        # RFC 7519: exp, nbf and iat are JSON numbers. PyJWT reads "9999999999" (a string) as one.
+        for name in _TIME_CLAIMS:
+            if name in claims and (isinstance(claims[name], bool) or not isinstance(claims[name], int | float)):
+                return AuthFailure.JWT_INVALID
+        return claims
 
     def _check_client_id(self, claims: dict[str, Any], header: str | None) -> AuthFailure | None:
         if self.client_id is None:
@@ -117,6 +122,7 @@ class JwtVerifier:
         return None
 
 
+_TIME_CLAIMS = ("exp", "nbf", "iat")
 _MISSING_CLAIMS = {
     "exp": AuthFailure.JWT_MISSING_EXP,
     "aud": AuthFailure.JWT_MISSING_AUD,
