@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from fastapi.testclient import TestClient
 
@@ -19,6 +20,14 @@ from tests.utils import OUR_PREFIXES, TOKEN, auth_headers, isolated_env, run_cli
 
 def _store(settings: Settings) -> RejectedStore:
     return RejectedStore(settings.spool_path, max_entries=settings.rejected_max)
+
+
+def _kept_count(settings: Settings) -> int:
+    store = _store(settings)
+    try:
+        return store.count()
+    finally:
+        store.close()
 
 
 def test_an_authenticated_invalid_body_is_answered_and_kept_as_received(settings: Settings) -> None:
@@ -63,11 +72,7 @@ def test_bodies_of_unauthenticated_requests_are_never_kept(settings: Settings) -
             assert answer.status_code == 401
         answer = client.post("/api/callback", content=b"<x/>", headers={"Content-Type": "application/xml"})
         assert answer.status_code == 401
-    store = _store(settings)
-    try:
-        assert store.count() == 0
-    finally:
-        store.close()
+    assert _kept_count(settings) == 0
 
 
 def test_mode_none_stores_no_body(make_settings: Callable[..., Settings]) -> None:
@@ -77,11 +82,7 @@ def test_mode_none_stores_no_body(make_settings: Callable[..., Settings]) -> Non
         assert client.post("/api/callback", content=b'["no es un objeto"]').status_code == 400
         answer = client.post("/api/callback", content=b"<x/>", headers={"Content-Type": "application/xml"})
         assert answer.status_code == 415
-    store = _store(settings)
-    try:
-        assert store.count() == 0
-    finally:
-        store.close()
+    assert _kept_count(settings) == 0
 
 
 def test_only_the_newest_rejected_max_are_kept(make_settings: Callable[..., Settings]) -> None:
@@ -98,21 +99,26 @@ def test_only_the_newest_rejected_max_are_kept(make_settings: Callable[..., Sett
     assert [entry.body for entry in kept] == [f'["cuerpo {n}"]'.encode() for n in (2, 3, 4)]
 
 
-def test_the_cli_lists_shows_and_purges_rejected_callbacks(tmp_path: Path) -> None:
-    env = isolated_env(tmp_path) | {"CALLBACK_TOKEN": TOKEN}
+def _keep_one(env: dict[str, str], **entry: Any) -> int:
+    """Store one rejected callback where the CLI of `env` looks; return its number."""
     store = RejectedStore(Path(env["CALLBACK_SPOOL_PATH"]), max_entries=10)
     try:
-        seq = store.add(
-            body=b'{"deploymentId": "dep-cli", "status": ""}',
-            request_id="req-cli",
-            client="10.1.2.3",
-            code="invalid_payload",
-            reason="status: debe tener entre 1 y 20 caracteres",
-            content_type="application/json",
-            deployment_id="dep-cli",
-        )
+        fields = {"client": "10.1.2.3", "code": "invalid_payload"} | entry
+        return store.add(**fields)
     finally:
         store.close()
+
+
+def test_the_cli_lists_shows_and_purges_rejected_callbacks(tmp_path: Path) -> None:
+    env = isolated_env(tmp_path) | {"CALLBACK_TOKEN": TOKEN}
+    seq = _keep_one(
+        env,
+        body=b'{"deploymentId": "dep-cli", "status": ""}',
+        request_id="req-cli",
+        reason="status: debe tener entre 1 y 20 caracteres",
+        content_type="application/json",
+        deployment_id="dep-cli",
+    )
 
     listed = run_cli(tmp_path, "spool", "list", "--rejected", **env)
     assert listed.returncode == 0, listed.stderr
@@ -139,19 +145,14 @@ def test_the_cli_lists_shows_and_purges_rejected_callbacks(tmp_path: Path) -> No
 def test_spool_show_prints_terminal_escapes_as_text(tmp_path: Path) -> None:
     """A body with an escape sequence (it would recolour or rewrite the operator's terminal) is shown, not obeyed."""
     env = isolated_env(tmp_path) | {"CALLBACK_TOKEN": TOKEN}
-    store = RejectedStore(Path(env["CALLBACK_SPOOL_PATH"]), max_entries=10)
-    try:
-        seq = store.add(
-            body=b'["\x1b[2J\x1b]0;pwned\x07", "\r"]',
-            request_id="req-esc",
-            client="10.1.2.3",
-            code="invalid_payload",
-            reason="body: el cuerpo debe ser un objeto JSON",
-            content_type="text/plain\x1b[31m",
-            deployment_id=None,
-        )
-    finally:
-        store.close()
+    seq = _keep_one(
+        env,
+        body=b'["\x1b[2J\x1b]0;pwned\x07", "\r"]',
+        request_id="req-esc",
+        reason="body: el cuerpo debe ser un objeto JSON",
+        content_type="text/plain\x1b[31m",
+        deployment_id=None,
+    )
     shown = run_cli(tmp_path, "spool", "show", str(seq), **env)
     assert shown.returncode == 0, shown.stderr
     assert "\x1b" not in shown.stdout and "\x07" not in shown.stdout and "\r" not in shown.stdout
