@@ -75,14 +75,14 @@ def test_bodies_of_unauthenticated_requests_are_never_kept(settings: Settings) -
     assert _kept_count(settings) == 0
 
 
-def test_mode_none_stores_no_body(make_settings: Callable[..., Settings]) -> None:
-    """CALLBACK_AUTH_MODE=none authenticates nobody, so no rejected body is kept; the answer is the same."""
-    settings = make_settings(auth_mode="none", token=None)
+def test_mode_none_keeps_rejected_bodies_too(make_settings: Callable[..., Settings]) -> None:
+    """Mode none lets every request through authentication: its rejected bodies are as valuable, and bounded."""
+    settings = make_settings(auth_mode="none", token=None, rejected_max=1)
     with TestClient(create_app(settings)) as client:
         assert client.post("/api/callback", content=b'["no es un objeto"]').status_code == 400
         answer = client.post("/api/callback", content=b"<x/>", headers={"Content-Type": "application/xml"})
         assert answer.status_code == 415
-    assert _kept_count(settings) == 0
+    assert _kept_count(settings) == 1
 
 
 def test_only_the_newest_rejected_max_are_kept(make_settings: Callable[..., Settings]) -> None:

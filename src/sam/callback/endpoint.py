@@ -167,9 +167,6 @@ class CallbackEndpoint:
         deployment_id: str | None,
     ) -> None:
         """Keep an authenticated body the service refused; failing to keep it never changes the answer."""
-        if self.runtime.settings.auth_mode == "none":
-            # Nobody was authenticated: a stranger's bodies are never stored (SPEC 10).
-            return
         try:
             seq = await anyio.to_thread.run_sync(
                 functools.partial(
