@@ -98,6 +98,10 @@ def _ignore_stop_signals() -> None:
 def serve(settings: Settings) -> int:
     """Serve until stopped; return the process exit code."""
     _check_database_driver(settings)
+    # Parse the JWT keys before anything else: a key that does not parse must stop the start with
+    # exit code 2 and its one line, before the port is bound or anything is logged (and, with
+    # several workers, before every worker crashes on it while the parent waits for ever).
+    Authenticator(settings)
     handle = ensure_logging(settings)
     listeners: list[socket.socket] = []
     try:
@@ -156,9 +160,6 @@ class CredentialReloadingSupervisor(Multiprocess):
 
 
 def _serve_workers(settings: Settings, listeners: list[socket.socket]) -> int:
-    # Parse the JWT keys here, once: a key that does not parse must stop the start with exit code
-    # 2, not crash every worker with a traceback while the parent waits for them for ever.
-    Authenticator(settings)
     # Each worker is a fresh interpreter that re-reads the same environment and .env; the
     # metrics of all of them are summed through files in PROMETHEUS_MULTIPROC_DIR.
     own_dir = None
