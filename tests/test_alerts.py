@@ -395,16 +395,17 @@ def test_a_mail_server_that_is_down_costs_the_callback_nothing_and_is_logged(
     assert TOKEN not in log_text(settings)
 
 
+def _mail_through(make_settings: Callable[..., Settings], port: int, **extra: Any) -> Settings:
+    """Settings that mail SENDER -> RECIPIENTS through a server on 127.0.0.1:port."""
+    return make_settings(
+        email_smtp_host="127.0.0.1", email_smtp_port=port, email_from=SENDER, email_recipients=RECIPIENTS, **extra
+    )
+
+
 @pytest.mark.slow
 def test_a_mail_server_that_hangs_does_not_delay_callbacks(make_settings: Callable[..., Settings]) -> None:
     silent = SilentServer()
-    settings = make_settings(
-        email_smtp_host="127.0.0.1",
-        email_smtp_port=silent.port,
-        email_from=SENDER,
-        email_recipients=RECIPIENTS,
-        alert_auth_failures=1,
-    )
+    settings = _mail_through(make_settings, silent.port, alert_auth_failures=1)
     insert_run(settings.resolved_database_url(), "dep-correo-colgado")
     try:
         with TestClient(create_app(settings)) as client:
@@ -658,14 +659,7 @@ def test_alerts_a_hanging_mail_server_keeps_are_logged_with_their_text_at_stop(
 ) -> None:
     caplog.set_level(logging.INFO, logger="sam.callback.alerts")
     silent = SilentServer()
-    settings = make_settings(
-        email_smtp_host="127.0.0.1",
-        email_smtp_port=silent.port,
-        email_from=SENDER,
-        email_recipients=RECIPIENTS,
-        email_use_tls=False,
-        email_password=MAIL_PASSWORD,
-    )
+    settings = _mail_through(make_settings, silent.port, email_use_tls=False, email_password=MAIL_PASSWORD)
     alerts = Alerts(settings, clock=FakeClock(), secrets=[MAIL_PASSWORD, TOKEN], timeout=3, stop_seconds=0.5)
     try:
         alerts.start()
