@@ -83,9 +83,8 @@ def _inherited_socket(fd: int) -> socket.socket:
 
 
 def _log_listener(listener: socket.socket, settings: Settings) -> None:
-    host, port = listener.getsockname()[:2]
-    address = f"[{host}]:{port}" if listener.family == socket.AF_INET6 else f"{host}:{port}"
-    scheme = "https" if settings.ssl_certfile and settings.ssl_keyfile else "http"
+    port = listener.getsockname()[1]
+    scheme, address = _scheme(settings), _where(listener)
     log.info(
         "Socket de escucha recibido de systemd (activación por socket): %s://%s, %d proceso(s); durante un "
         "reinicio las conexiones esperan en la cola del socket",
@@ -141,12 +140,18 @@ def bind_listeners(settings: Settings) -> list[socket.socket]:
             listener.close()
         raise
     # uvicorn says where it listens only when it binds itself: say it here instead.
-    scheme = "https" if settings.ssl_certfile and settings.ssl_keyfile else "http"
     for listener in listeners:
-        bound, bound_port = listener.getsockname()[:2]
-        where = f"[{bound}]:{bound_port}" if listener.family == socket.AF_INET6 else f"{bound}:{bound_port}"
-        log.info("Escuchando en %s://%s (%d proceso(s))", scheme, where, settings.server_workers)
+        log.info("Escuchando en %s://%s (%d proceso(s))", _scheme(settings), _where(listener), settings.server_workers)
     return listeners
+
+
+def _scheme(settings: Settings) -> str:
+    return "https" if settings.ssl_certfile and settings.ssl_keyfile else "http"
+
+
+def _where(listener: socket.socket) -> str:
+    host, port = listener.getsockname()[:2]
+    return f"[{host}]:{port}" if listener.family == socket.AF_INET6 else f"{host}:{port}"
 
 
 def _bind(family: socket.AddressFamily, address: tuple[str, int], host: str, port: int) -> socket.socket:

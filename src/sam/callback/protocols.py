@@ -290,13 +290,7 @@ class HeadLimitedProtocol(HttpToolsProtocol):
             super().send_400_response(msg)
         else:
             # Every answer of the service is its JSON envelope, this one too (uvicorn's is text).
-            request_id, payload = self.bad_request()
-            self.transport.write(
-                b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
-                b"content-length: %d\r\nx-request-id: %s\r\nconnection: close\r\n\r\n%s"
-                % (len(payload), request_id.encode(), payload)
-            )
-            self.transport.close()
+            self._answer_and_close(b"400 Bad Request", *self.bad_request())
 
     def _refuse_head(self) -> None:
         self._head_refused = True
@@ -305,11 +299,14 @@ class HeadLimitedProtocol(HttpToolsProtocol):
             self.max_head_bytes,
             self.client[0] if self.client else "-",
         )
-        request_id, payload = self.head_too_large(self.max_head_bytes)
+        self._answer_and_close(b"431 Request Header Fields Too Large", *self.head_too_large(self.max_head_bytes))
+
+    def _answer_and_close(self, status: bytes, request_id: str, payload: bytes) -> None:
+        # Written whole, before uvicorn has a request cycle to answer through; then the connection ends.
         self.transport.write(
-            b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+            b"HTTP/1.1 %s\r\ncontent-type: application/json\r\n"
             b"content-length: %d\r\nx-request-id: %s\r\nconnection: close\r\n\r\n%s"
-            % (len(payload), request_id.encode(), payload)
+            % (status, len(payload), request_id.encode(), payload)
         )
         self.transport.close()
 

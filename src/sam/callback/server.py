@@ -40,20 +40,21 @@ WORKER_HEALTHCHECK_SECONDS = 60
 MAX_HEAD_BYTES = 64 * 1024
 
 
+def _answer(code: ResultCode, message: str | None = None) -> tuple[str, bytes]:
+    _status, body = envelope(code, request_id_from(None), message=message)
+    return body["request_id"], json.dumps(body, ensure_ascii=False).encode("utf-8")
+
+
 def head_too_large_answer(limit: int) -> tuple[str, bytes]:
     """Request id and JSON body of the 431 answer to a request head over `limit` bytes."""
-    _status, body = envelope(
-        ResultCode.HEADERS_TOO_LARGE,
-        request_id_from(None),
-        message=f"La línea de petición y las cabeceras superan el máximo de {limit} bytes",
+    return _answer(
+        ResultCode.HEADERS_TOO_LARGE, f"La línea de petición y las cabeceras superan el máximo de {limit} bytes"
     )
-    return body["request_id"], json.dumps(body, ensure_ascii=False).encode("utf-8")
 
 
 def bad_request_answer() -> tuple[str, bytes]:
     """Request id and JSON body of the 400 answer to a request the HTTP parser cannot read."""
-    _status, body = envelope(ResultCode.BAD_REQUEST, request_id_from(None))
-    return body["request_id"], json.dumps(body, ensure_ascii=False).encode("utf-8")
+    return _answer(ResultCode.BAD_REQUEST)
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
