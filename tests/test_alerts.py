@@ -314,7 +314,7 @@ def test_refused_callbacks_past_the_threshold_send_one_mail_naming_addresses_and
         jwt_headers = {"Authorization": f"Bearer {expired}", "x-ibm-client-id": CLIENT_ID}
         assert http.post("/api/callback", json=body, headers=jwt_headers).status_code == 401
         (mail,) = inbox.wait(1)
-        # After the mail, within the repeat interval: counted for the next mail, which goes at stop.
+        # After the mail, within the repeat interval: counted; at stop it is logged, not mailed a second time.
         assert http.post("/api/callback", json=body, headers=auth_headers(WRONG_TOKEN)).status_code == 401
     assert "Callbacks rechazados por autenticación" in mail.subject
     assert mail.recipients == RECIPIENT_LIST
@@ -324,13 +324,14 @@ def test_refused_callbacks_past_the_threshold_send_one_mail_naming_addresses_and
     assert "CALLBACK_TOKEN" in mail.body and "lanzador de SAM" in mail.body
     assert "no lo reintenta" in mail.body
     assert_no_secret(mail, WRONG_TOKEN, expired)
-    server.stop()
-    first, after = inbox.wait(2)
-    assert first.raw == mail.raw
-    assert "1 callback rechazado desde el correo anterior" in after.body
-    assert "1 × 401 desde 127.0.0.1: token: token estático incorrecto" in after.body
-    assert "el callback rechazado después del correo anterior se contó" in after.body
-    assert_no_secret(after, WRONG_TOKEN, expired)
+    assert server.stop() == 0
+    # SPEC 9: one mail per condition per CALLBACK_ALERT_REPEAT_SECONDS, stop included.
+    assert [m.raw for m in inbox.messages()] == [mail.raw]
+    (held,) = [line for line in server.console().splitlines() if "Alerta retenida al detener el servicio" in line]
+    assert " - ERROR - " in held or '"level": "ERROR"' in held
+    assert "1 callback rechazado desde el correo anterior" in held
+    assert "1 × 401 desde 127.0.0.1: token: token estático incorrecto" in held
+    assert WRONG_TOKEN not in held and expired not in held
 
 
 def test_database_unreachable_is_mailed_with_the_backlog_then_again_when_it_answers(
@@ -442,7 +443,7 @@ def test_at_sigterm_alerts_a_hanging_mail_server_keeps_reach_the_log_with_their_
         with httpx.Client(base_url=server.base_url, timeout=10) as http:
             assert http.post("/api/callback", json=body, headers=auth_headers(WRONG_TOKEN)).status_code == 401
             wait_for(lambda: silent.accepted() >= 1, what="el primer correo conectado al servidor mudo")
-            # Counted after the first alert: mailed (here: logged) at stop.
+            # Counted after the first alert, within its interval: logged at stop.
             assert http.post("/api/callback", json=body, headers=auth_headers(WRONG_TOKEN)).status_code == 401
         started = time.monotonic()
         assert server.stop() == 0
@@ -451,10 +452,11 @@ def test_at_sigterm_alerts_a_hanging_mail_server_keeps_reach_the_log_with_their_
         silent.close()
     logged = "".join(path.read_text(encoding="utf-8") for path in sorted((tmp_path / "logs").glob("*.log*")))
     unsent = [line for line in logged.splitlines() if "Alerta no enviada por correo" in line]
-    assert len(unsent) == 2, logged[-3000:]
-    assert all(" - ERROR - " in line and "Callbacks rechazados por autenticación" in line for line in unsent)
-    assert any("1 callback rechazado desde el correo anterior" in line for line in unsent)
-    assert "2 alertas sin enviar" in logged
+    held = [line for line in logged.splitlines() if "Alerta retenida al detener el servicio" in line]
+    assert len(unsent) == 1 and len(held) == 1, logged[-3000:]
+    assert all(" - ERROR - " in line and "Callbacks rechazados por autenticación" in line for line in unsent + held)
+    assert "1 callback rechazado desde el correo anterior" in held[0]
+    assert "1 alertas sin enviar" in logged
     for secret in (TOKEN, WRONG_TOKEN, MAIL_PASSWORD):
         assert secret not in logged
 
@@ -588,19 +590,40 @@ def test_the_repeat_interval_holds_a_second_mail_and_the_next_one_counts_it(
     assert "CALLBACK_ALERT_REPEAT_SECONDS" in third.body
 
 
-def test_alerts_held_at_stop_are_mailed_rather_than_forgotten(
-    make_settings: Callable[..., Settings], inbox: Inbox
+def test_alerts_held_at_stop_are_logged_not_mailed_a_second_time_in_the_interval(
+    make_settings: Callable[..., Settings], inbox: Inbox, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="sam.callback.alerts")
     alerts = Alerts(mail_settings(make_settings, inbox), clock=FakeClock())
     alerts.start()
     alerts.refused_for_good("dep-columna", "RUN_COMPLETED", "ProgrammingError: columna FechaInicioReal no existe", 7)
-    inbox.wait(1)
+    (first,) = inbox.wait(1)
     alerts.refused_for_good("dep-columna-2", "RUN_COMPLETED", "ProgrammingError: columna FechaInicioReal no existe", 8)
     alerts.stop()
-    first, second = inbox.wait(2)
+    # SPEC 9: at most one mail per condition per interval, even at stop; the held one is not forgotten.
+    assert len(inbox.messages()) == 1
     assert "Callback rechazado por la base de datos" in first.subject
     assert "spool n.º 7" in first.body and "spool retry" in first.body
-    assert "dep-columna-2" in second.body and "1 avisos de este tipo se retuvieron" in second.body
+    held = [r for r in caplog.records if "Alerta retenida al detener el servicio" in r.getMessage()]
+    assert [r.levelno for r in held] == [logging.ERROR]
+    assert "dep-columna-2" in held[0].getMessage() and "CALLBACK_ALERT_REPEAT_SECONDS" in held[0].getMessage()
+
+
+def test_alerts_due_at_stop_are_still_mailed(make_settings: Callable[..., Settings], inbox: Inbox) -> None:
+    settings = mail_settings(make_settings, inbox, alert_repeat_seconds=3600)
+    clock = FakeClock()
+    alerts = Alerts(settings, clock=clock)
+    alerts.start()
+    alerts.unavailable("dep-primero", "RUN_FAILED", "req-1")
+    inbox.wait(1)
+    alerts.unavailable("dep-segundo", "RUN_FAILED", "req-2")
+    # Events are handled in order: the unmatched mail arriving proves the second 503 was held.
+    alerts.unmatched("dep-huerfano", "req-3", 86400)
+    inbox.wait(2)
+    clock.now += 3600  # the interval is over: the held one is due, at stop too
+    alerts.stop()
+    third = inbox.wait(3)[2]
+    assert "dep-segundo" in third.body and "1 avisos de este tipo se retuvieron" in third.body
 
 
 def test_refusals_after_an_alert_are_counted_and_mailed_when_the_interval_ends(
@@ -640,7 +663,10 @@ def test_refusals_after_an_alert_are_counted_and_mailed_when_the_interval_ends(
     assert len(inbox.messages()) == 4
 
 
-def test_refusals_after_an_alert_are_mailed_at_stop(make_settings: Callable[..., Settings], inbox: Inbox) -> None:
+def test_refusals_after_an_alert_are_logged_at_stop_not_mailed_again(
+    make_settings: Callable[..., Settings], inbox: Inbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="sam.callback.alerts")
     settings = mail_settings(make_settings, inbox, alert_auth_failures=2, alert_repeat_seconds=3600)
     alerts = Alerts(settings, clock=FakeClock())
     alerts.start()
@@ -649,9 +675,10 @@ def test_refusals_after_an_alert_are_mailed_at_stop(make_settings: Callable[...,
     inbox.wait(1)
     alerts.refused("10.0.0.7", 403, (AuthFailure.ADDRESS_NOT_ALLOWED,))
     alerts.stop()
-    _, last = inbox.wait(2)
-    assert "1 callback rechazado desde el correo anterior" in last.body
-    assert "1 × 403 desde 10.0.0.7" in last.body
+    assert len(inbox.messages()) == 1
+    (held,) = [r.getMessage() for r in caplog.records if "Alerta retenida al detener el servicio" in r.getMessage()]
+    assert "1 callback rechazado desde el correo anterior" in held
+    assert "1 × 403 desde 10.0.0.7" in held
 
 
 def test_alerts_a_hanging_mail_server_keeps_are_logged_with_their_text_at_stop(
@@ -669,18 +696,20 @@ def test_alerts_a_hanging_mail_server_keeps_are_logged_with_their_text_at_stop(
         wait_for(lambda: silent.accepted() >= 1, what="el envío del primer correo conectado al servidor mudo")
         alerts.unmatched("dep-en-cola", "req-2", 86400)
         alerts.rejected(deployment_id="dep-en-cola-2", reason="status: falta", client="10.1.2.3", request_id="req-3")
-        alerts.unavailable("dep-retenido", "RUN_FAILED", "req-4")  # held by the interval, flushed at stop
+        alerts.unavailable("dep-retenido", "RUN_FAILED", "req-4")  # held by the interval: logged at stop
         started = time.monotonic()
         alerts.stop()
         elapsed = time.monotonic() - started
         assert elapsed < 0.5 + 1.0  # the grace, plus the time to log
         unsent = [r for r in caplog.records if "Alerta no enviada por correo" in r.getMessage()]
-        assert [r.levelno for r in unsent] == [logging.ERROR] * 4
-        texts = [r.getMessage() for r in unsent]
+        assert [r.levelno for r in unsent] == [logging.ERROR] * 3
+        held = [r for r in caplog.records if "Alerta retenida al detener el servicio" in r.getMessage()]
+        assert [r.levelno for r in held] == [logging.ERROR]
+        texts = [r.getMessage() for r in unsent + held]
         for deployment_id in ("dep-en-vuelo", "dep-en-cola", "dep-en-cola-2", "dep-retenido"):
             assert sum(deployment_id + " " in text or deployment_id + "\n" in text for text in texts) >= 1
         assert all("ALERTA" in text and "Qué revisar" in text for text in texts)
-        assert any("4 alertas sin enviar" in r.getMessage() and r.levelno == logging.ERROR for r in caplog.records)
+        assert any("3 alertas sin enviar" in r.getMessage() and r.levelno == logging.ERROR for r in caplog.records)
         # The try in flight times out later: it is not reported a second time.
         wait_for(lambda: not sender.is_alive(), timeout=15, what="el fin del hilo de envío")
         assert not any("No se pudo enviar la alerta" in r.getMessage() for r in caplog.records)
@@ -770,7 +799,7 @@ def test_without_a_mail_server_alerts_are_error_lines_once_per_interval(
         )
 
         def alert_lines() -> list[logging.LogRecord]:
-            return [r for r in caplog.records if r.getMessage().startswith("ALERTA")]
+            return [r for r in caplog.records if "ALERTA" in r.getMessage()]
 
         wait_for(lambda: len(alert_lines()) >= 2, what="dos líneas ALERTA")
     finally:
@@ -779,8 +808,9 @@ def test_without_a_mail_server_alerts_are_error_lines_once_per_interval(
     assert [r.levelno for r in lines] == [logging.ERROR] * len(lines)
     assert "dep-a" in lines[0].getMessage() and "Qué revisar" in lines[0].getMessage()
     assert "Callback rechazado por su contenido" in lines[1].getMessage() and "dep-c" in lines[1].getMessage()
-    # dep-b was held by the interval, then logged at stop with the count.
+    # dep-b was held by the interval, then logged at stop, saying why it came late.
     assert len(lines) == 3 and "dep-b" in lines[2].getMessage()
+    assert lines[2].getMessage().startswith("Alerta retenida al detener el servicio")
 
 
 def test_check_says_where_alerts_go(tmp_path: Path) -> None:

@@ -93,7 +93,7 @@ class AlertPolicy:
 
         Until the threshold is reached, refusals wait in a 10-minute window. Once a mail went out,
         every refusal until its repeat interval ends is counted, whatever their number, and mailed
-        when the interval ends (or at stop): none ages out of a window unreported.
+        when the interval ends (logged at ERROR at stop): none ages out of a window unreported.
         """
         if self.auth_failures <= 0:
             return []
@@ -161,7 +161,7 @@ class AlertPolicy:
         return alerts
 
     def flush(self, now: float, wall: float) -> list[Alert]:
-        """Every held alert, whatever the interval (at stop: their count would be lost)."""
+        """Every held alert, whatever the interval (at stop, where their count would otherwise be lost)."""
         alerts = self._mail_refusals_since(now, wall)
         for kind in list(self._held):
             alerts += self.flush_kind(kind, now, wall)

@@ -142,7 +142,10 @@ class Alerts:
         self._sender.start()
 
     def stop(self) -> None:
-        """Mail what is held back, then stop within `stop_seconds`; what could not go is logged at ERROR."""
+        """Mail what is due, log what the repeat interval holds back, stop within `stop_seconds`.
+
+        What could not be mailed in time is logged at ERROR with its text.
+        """
         if self._watcher is None or self._sender is None:
             return
         deadline = time.monotonic() + self.stop_seconds
@@ -179,6 +182,13 @@ class Alerts:
         for alert in unsent:
             self._log_unsent(alert, "el servidor de correo no respondió antes de detener el servicio")
 
+    def _log_held(self, alert: Alert) -> None:
+        log.error(
+            "Alerta retenida al detener el servicio: ya se envió una de este tipo hace menos de"
+            " CALLBACK_ALERT_REPEAT_SECONDS (%g s), así que no se envía por correo. ALERTA %s",
+            self.repeat_seconds, self._rendered(alert).summary,
+        )  # fmt: skip
+
     def _log_unsent(self, alert: Alert, why: str) -> None:
         log.error("Alerta no enviada por correo (%s). ALERTA %s", why, self._rendered(alert).summary)
 
@@ -194,7 +204,11 @@ class Alerts:
             now, wall = self._clock(), time.time()
             try:
                 if event is None:
-                    self._queue_mails(self.policy.flush(now, wall))
+                    # What is due still goes by mail; what the repeat interval holds back would be a
+                    # second mail for its condition within the interval (SPEC 9): it is logged instead.
+                    self._queue_mails(self.policy.tick(now, wall))
+                    for alert in self.policy.flush(now, wall):
+                        self._log_held(alert)
                     return
                 alerts = event(now, wall) if event is not _tick else []
                 if time.monotonic() >= next_tick:
