@@ -11,7 +11,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from sam.callback.repository import make_engine
-from tests.utils import TOKEN, Keys, ServerProcess, fetch_run, insert_run, run_cli, wait_for
+from tests.utils import TOKEN, Keys, ServerProcess, fetch_run, insert_run, run_cli, run_cli_in_terminal, wait_for
 
 
 def cli(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -128,7 +128,7 @@ def test_spool_list_retry_purge(server_factory: Callable[..., ServerProcess], tm
         what="aplicado tras retry",
     )  # type: ignore[index]
     assert server.stop() == 0
-    # Purge refuses without --yes, then removes what the operator gives up on.
+    # Purge removes what the operator gives up on.
     server.env["CALLBACK_MATCH_WINDOW_SECONDS"] = "0"
     server.start()
     assert cli(tmp_path, "send", "--url", server.callback_url, "--deployment-id", "huerfano-2").returncode == 0
@@ -137,9 +137,12 @@ def test_spool_list_retry_purge(server_factory: Callable[..., ServerProcess], tm
         what="segundo no emparejado",
     )
     assert server.stop() == 0
-    assert cli(tmp_path, "spool", "purge", **env).returncode == 1
-    purged = cli(tmp_path, "spool", "purge", "--yes", **env)
-    assert purged.returncode == 0 and purged.stdout.startswith("1 ")
+    # At a terminal, purge asks first; anything but "s" keeps the callbacks.
+    code, screen = run_cli_in_terminal(tmp_path, "spool", "purge", answer="n", **env)
+    assert code == 1 and "¿Continuar? [s/N]" in screen and "No se ha borrado nada" in screen
+    assert "huerfano-2" in cli(tmp_path, "spool", "list", "--unmatched", **env).stdout
+    code, screen = run_cli_in_terminal(tmp_path, "spool", "purge", answer="s", **env)
+    assert code == 0 and "1 callbacks borrados del spool" in screen
     assert "huerfano-2" not in cli(tmp_path, "spool", "list", **env).stdout
 
 

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from sam.callback.app import create_app
 from sam.callback.rejected import RejectedStore
 from sam.callback.settings import Settings
-from tests.utils import OUR_PREFIXES, TOKEN, auth_headers, isolated_env, run_cli
+from tests.utils import OUR_PREFIXES, TOKEN, auth_headers, isolated_env, run_cli, run_cli_in_terminal
 
 
 def _store(settings: Settings) -> RejectedStore:
@@ -135,9 +135,10 @@ def test_the_cli_lists_shows_and_purges_rejected_callbacks(tmp_path: Path) -> No
     missing = run_cli(tmp_path, "spool", "show", "999", **env)
     assert missing.returncode == 1 and "999" in missing.stderr
 
-    refused = run_cli(tmp_path, "spool", "purge", "--rejected", **env)
-    assert refused.returncode == 1
-    purged = run_cli(tmp_path, "spool", "purge", "--rejected", "--yes", **env)
+    code, screen = run_cli_in_terminal(tmp_path, "spool", "purge", "--rejected", answer="no", **env)
+    assert code == 1 and "callbacks rechazados guardados" in screen and "No se ha borrado nada" in screen
+    assert "dep-cli" in run_cli(tmp_path, "spool", "list", "--rejected", **env).stdout
+    purged = run_cli(tmp_path, "spool", "purge", "--rejected", **env)  # as SPEC 10 names it
     assert purged.returncode == 0 and "1 callbacks rechazados borrados" in purged.stdout
     assert "dep-cli" not in run_cli(tmp_path, "spool", "list", "--rejected", **env).stdout
 

@@ -93,6 +93,36 @@ def run_cli(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[st
     )
 
 
+def run_cli_in_terminal(cwd: Path, *args: str, answer: str, **env: str) -> tuple[int, str]:
+    """`run_cli` on a pseudo-terminal, as an operator types it, answering `answer` to any question."""
+    if sys.platform == "win32":
+        pytest.skip("sin pseudo-terminales en Windows")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(OUR_PREFIXES)}
+    controller, terminal = os.openpty()
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "sam.callback", *args],
+            cwd=cwd,
+            env=clean | env,
+            stdin=terminal,
+            stdout=terminal,
+            stderr=terminal,
+        )
+        os.close(terminal)
+        terminal = -1
+        os.write(controller, answer.encode() + b"\n")
+        code = process.wait(timeout=60)
+        output = b""
+        with contextlib.suppress(OSError):  # EIO once the terminal has no writer left
+            while chunk := os.read(controller, 65536):
+                output += chunk
+    finally:
+        os.close(controller)
+        if terminal >= 0:
+            os.close(terminal)
+    return code, output.decode(errors="replace")
+
+
 def auth_headers(token: str = TOKEN) -> dict[str, str]:
     """Headers A360 sends with a static token."""
     return {"X-Authorization": token, "Content-Type": "application/json"}

@@ -104,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     purge.add_argument("--all", action="store_true", help="todos, no solo los no emparejados")
     purge.add_argument("--rejected", action="store_true", help="vacía los callbacks rechazados guardados")
     purge.add_argument("--older-than-days", type=float, default=None, help="solo los recibidos hace más de N días")
-    purge.add_argument("--yes", action="store_true", help="confirma el borrado")
+    purge.add_argument("--yes", action="store_true", help="no pregunta en un terminal antes de borrar")
     commands.add_parser(
         "test-mail", help="envía un correo de prueba a EMAIL_DESTINATARIOS con la configuración EMAIL_*"
     )
@@ -241,8 +241,7 @@ def _spool(settings: Settings, args: argparse.Namespace) -> int:
             count = spool.retry_now(only_unmatched=args.unmatched, only_refused=args.refused)
             print(f"{count} callbacks marcados para reintento inmediato (el servicio en marcha los aplicará)")
             return EXIT_OK
-        if not args.yes:
-            print("El borrado es definitivo: repita con --yes para confirmarlo", file=sys.stderr)
+        if not _confirmed(args, "los callbacks del spool" if args.all else "los callbacks no emparejados del spool"):
             return EXIT_FAILED
         older = time.time() - args.older_than_days * 86400 if args.older_than_days is not None else None
         count = spool.purge(only_unmatched=not args.all, older_than=older)
@@ -253,6 +252,20 @@ def _spool(settings: Settings, args: argparse.Namespace) -> int:
         return EXIT_FAILED
     finally:
         spool.close()
+
+
+def _confirmed(args: argparse.Namespace, what: str) -> bool:
+    """Whether to purge: `--yes`, a script (SPEC 10 names the bare command), or a person who answers "s"."""
+    if args.yes or not (sys.stdin.isatty() and sys.stdout.isatty()):
+        return True
+    try:
+        answer = input(f"Se borrarán {what}, de forma definitiva. ¿Continuar? [s/N] ")
+    except EOFError:
+        answer = ""
+    if answer.strip().lower() in ("s", "si", "sí", "y", "yes"):
+        return True
+    print("No se ha borrado nada (--yes confirma sin preguntar)", file=sys.stderr)
+    return False
 
 
 def _rejected(settings: Settings, args: argparse.Namespace) -> int:
@@ -290,8 +303,7 @@ def _rejected(settings: Settings, args: argparse.Namespace) -> int:
             print(_terminal_safe(entry.body_text()))
             return EXIT_OK
         if args.spool_command == "purge":
-            if not args.yes:
-                print("El borrado es definitivo: repita con --yes para confirmarlo", file=sys.stderr)
+            if not _confirmed(args, "los callbacks rechazados guardados"):
                 return EXIT_FAILED
             print(f"{store.purge()} callbacks rechazados borrados")
             return EXIT_OK
