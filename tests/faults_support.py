@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import queue
+import random
 import socket
 import sqlite3
 import threading
@@ -25,12 +26,30 @@ FINAL = "RUN_COMPLETED"
 OTHER_FINAL = "RUN_FAILED"
 
 
+def _port_outside_the_ephemeral_range() -> int:
+    """A free port below Linux's ephemeral range (32768-60999).
+
+    While the proxy is cut its port is free. An ephemeral port could meanwhile be handed to any
+    outgoing connection, or to the service's own reconnect to that very port (TCP connects a
+    socket to itself when the source port equals the closed destination), and `restore` would
+    find it taken.
+    """
+    for port in random.sample(range(20000, 32000), 200):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return free_port()
+
+
 class TcpProxy:
     """A TCP forwarder on 127.0.0.1 that a test can cut (every connection dropped, new ones refused)."""
 
     def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
         self.target = (target_host, target_port)
-        self.port = free_port()
+        self.port = _port_outside_the_ephemeral_range()
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
         self._listener: socket.socket | None = None
@@ -53,9 +72,13 @@ class TcpProxy:
             if self._listener is not None:
                 return
             listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind(("127.0.0.1", self.port))
-            listener.listen(128)
+            try:
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                listener.bind(("127.0.0.1", self.port))
+                listener.listen(128)
+            except OSError:
+                listener.close()
+                raise
             listener.settimeout(0.2)
             self._listener = listener
         threading.Thread(target=self._accept_loop, args=(listener,), daemon=True).start()
@@ -66,6 +89,10 @@ class TcpProxy:
             listener, self._listener = self._listener, None
             sockets, self._sockets = self._sockets, set()
         if listener is not None:
+            # close() alone leaves the port listening until the accept thread's poll returns (up
+            # to 0.2 s): a restore() in that time would find it taken. shutdown() stops it at once.
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
             listener.close()
         for sock in sockets:
             _hard_close(sock)
