@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import subprocess
@@ -70,6 +71,26 @@ def test_stop_signal_lets_in_flight_requests_finish_then_exits_0(
     assert b'"updated"' in answer
     assert server.process.wait(60) == 0, server.console()[-3000:]
     assert fetch_run(database, "stop-1")["CallbackInfo"] == raw.decode()  # type: ignore[index]
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("stop_signal", STOP_SIGNALS, ids=lambda s: signal.Signals(s).name)
+def test_a_stop_signal_repeated_while_the_process_exits_still_ends_with_0(
+    server_factory: Callable[..., ServerProcess], stop_signal: int, workers: str
+) -> None:
+    """`uv run` passes on the Ctrl+C its process group already got: a late repeat must not change the exit code."""
+    server = server_factory(CALLBACK_SERVER_WORKERS=workers).start()
+    process = server.process
+    assert process is not None
+    process.send_signal(stop_signal)
+    wait_for(lambda: "sam-callback detenido" in server.console(), timeout=60, what="la parada ordenada")
+    # Now the interpreter is on its way out: keep repeating the signal until the process is gone.
+    while process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(stop_signal)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(0.005)
+    assert process.returncode == 0, server.console()[-3000:]
 
 
 @pytest.mark.skipif(sys.platform != "win32", reason="CTRL_BREAK_EVENT solo existe en Windows")

@@ -88,12 +88,16 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
-def _ignore_stop_signals() -> None:
+def _ignore_stop_signals(*, until_exit: bool = False) -> None:
     # uvicorn re-raises the stop signal once it has shut down cleanly; with the default
     # handlers that would turn a graceful stop into exit code 143 or a KeyboardInterrupt.
+    # While serving, a Python no-op: SIG_IGN would be inherited by the worker processes. Once
+    # served, SIG_IGN: Python puts its own handlers back to the default while the interpreter
+    # exits, and a stop signal repeated then (a launcher such as `uv run` passes on the Ctrl+C
+    # its process group already got) would end a clean stop with exit code 130 or 143.
     for name in ("SIGTERM", "SIGINT", "SIGBREAK"):
         if hasattr(signal, name):
-            signal.signal(getattr(signal, name), lambda *_: None)
+            signal.signal(getattr(signal, name), signal.SIG_IGN if until_exit else (lambda *_: None))
 
 
 def serve(settings: Settings) -> int:
@@ -122,6 +126,7 @@ def serve(settings: Settings) -> int:
         server.run(sockets=listeners)
         return 0 if server.started or not server.should_exit else 1
     finally:
+        _ignore_stop_signals(until_exit=True)
         for listener in listeners:
             listener.close()
         close_logging(handle)
