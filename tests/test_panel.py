@@ -223,6 +223,22 @@ def test_an_address_outside_the_admin_list_gets_403(server_factory: Callable[...
     assert post(server, "panel-403-callback").status_code == 202
 
 
+def test_an_empty_admin_list_closes_the_page_to_everyone(
+    server_factory: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    """`CALLBACK_ADMIN_ALLOWED_IPS=` (set to nothing, as the README says) is nobody, not the default."""
+    (tmp_path / ".env").write_text("CALLBACK_ADMIN_ALLOWED_IPS=\n", encoding="utf-8")
+    server = server_factory().start()
+    answer = httpx.get(server.base_url + "/panel", timeout=30)
+    assert answer.status_code == 403 and "<html" not in answer.text
+    assert post(server, "panel-cerrado-callback").status_code == 202
+    server.stop()
+    # Unset, the default lets this machine in.
+    (tmp_path / ".env").write_text("", encoding="utf-8")
+    server.start()
+    assert httpx.get(server.base_url + "/panel", timeout=30).status_code == 200
+
+
 def test_several_processes_all_appear(server_factory: Callable[..., ServerProcess], tmp_path: Path) -> None:
     """With two worker processes the page lists callbacks received by both, and sums their counts."""
     server = server_factory(CALLBACK_SERVER_WORKERS="2")

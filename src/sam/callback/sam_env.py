@@ -95,13 +95,18 @@ def _present(value: str | None) -> bool:
     return value is not None and value.strip() != ""
 
 
+# Settings where a variable set to nothing is a value, not "unset": an empty
+# CALLBACK_ADMIN_ALLOWED_IPS closes the operator page to everyone, as the docs say.
+_BLANK_IS_A_VALUE = frozenset({"admin_allowed_ips"})
+
+
 def resolve(variables: Mapping[str, str]) -> dict[str, str]:
-    """Field -> value: the first of its names that is set and not blank."""
+    """Field -> value: the first of its names that is set and not blank (blank counts for a few)."""
     resolved: dict[str, str] = {}
     for field, names in NAMES.items():
         for name in names:
             value = variables.get(name)
-            if value is not None and _present(value):
+            if value is not None and (_present(value) or field in _BLANK_IS_A_VALUE):
                 resolved[field] = value
                 break
     return resolved
