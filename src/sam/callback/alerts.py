@@ -183,10 +183,11 @@ class Alerts:
             self._log_unsent(alert, "el servidor de correo no respondió antes de detener el servicio")
 
     def _log_held(self, alert: Alert) -> None:
+        sent = "se envió" if self.mail is not None and not self.mail.problems() else "se registró"
         log.error(
-            "Alerta retenida al detener el servicio: ya se envió una de este tipo hace menos de"
-            " CALLBACK_ALERT_REPEAT_SECONDS (%g s), así que no se envía por correo. ALERTA %s",
-            self.repeat_seconds, self._rendered(alert).summary,
+            "Alerta retenida al detener el servicio: ya %s una de este tipo hace menos de"
+            " CALLBACK_ALERT_REPEAT_SECONDS (%g s). ALERTA %s",
+            sent, self.repeat_seconds, self._rendered(alert).summary,
         )  # fmt: skip
 
     def _log_unsent(self, alert: Alert, why: str) -> None:

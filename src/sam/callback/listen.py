@@ -94,8 +94,8 @@ def _log_listener(listener: socket.socket, settings: Settings) -> None:
     )
     if port != settings.server_port:
         log.warning(
-            "el socket de systemd escucha en el puerto %d y CALLBACK_SERVER_PORT es %d: `sam-callback status` "
-            "usa el segundo; iguale ListenStream= y CALLBACK_SERVER_PORT",
+            "el socket de systemd escucha en el puerto %d y CALLBACK_PUERTO (o CALLBACK_SERVER_PORT) es %d: "
+            "`sam-callback status` usa el segundo; iguale ListenStream= y ese puerto",
             port,
             settings.server_port,
         )
