@@ -163,6 +163,9 @@ def test_each_bad_value_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: P
         ({"JWT_PUBLIC_KEY": "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----"}, "JWT_PUBLIC_KEY"),
         ({"CALLBACK_TOKEN": TOKEN, "CALLBACK_ALLOWED_IPS": "10.0.0.0/33"}, "CALLBACK_ALLOWED_IPS"),
         ({"CALLBACK_TOKEN": TOKEN, "SAM_DATABASE_URL": "esto-no-es-una-url"}, "SAM_DATABASE_URL"),
+        # The callback on a built-in route would turn a load balancer's /health into 405s.
+        ({"CALLBACK_TOKEN": TOKEN, "CALLBACK_ENDPOINT": "/health"}, "/health es una ruta propia del servicio"),
+        ({"CALLBACK_TOKEN": TOKEN, "CALLBACK_ENDPOINT": "metrics/"}, "/metrics es una ruta propia del servicio"),
     ],
 )
 def test_bad_start_up_config_exits_2_with_readable_lines(tmp_path: Path, env: dict[str, str], needle: str) -> None:

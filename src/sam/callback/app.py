@@ -79,6 +79,10 @@ class CallbackDispatcher:
             # headers from the dict built here, not from a second one.
             await self.endpoint(scope, receive, send, request_id, headers)
         else:
+            if scope["method"] == "HEAD":
+                # HEAD wherever GET works (load balancers probe /health with it). FastAPI routes
+                # GET only; uvicorn still sees the request as HEAD and sends no body.
+                scope = {**scope, "method": "GET"}
             # Outside FastAPI's ServerErrorMiddleware, so its 500 answers are tagged too.
             await self.api(scope, receive, _tagging(send, request_id))
 
@@ -135,6 +139,9 @@ def create_app(settings: Settings, *, watch_credentials: bool = False) -> Callba
         docs_url="/docs" if docs else None,
         redoc_url=None,
         openapi_url="/openapi.json" if docs else None,
+        # `/health/` is an unknown path (404 in the envelope), not an empty redirect whose
+        # Location comes from the caller's Host header.
+        redirect_slashes=False,
     )
     api.state.runtime = runtime
     _install_error_handlers(api)

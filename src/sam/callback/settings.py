@@ -54,6 +54,12 @@ def _as_list(value: Any) -> Any:
     return _split(value) if isinstance(value, str) else value
 
 
+# The service's own routes (app.py), which the callback path must not shadow.
+_BUILT_IN_PATHS = frozenset(
+    {"/health", "/ready", "/metrics", "/panel", "/docs", "/docs/oauth2-redirect", "/openapi.json"}
+)
+
+
 def parse_networks(value: str | list[Any] | None) -> list[IPNetwork]:
     """Parse addresses and CIDR ranges (a comma string or a list); ValueError names the bad one."""
     networks: list[IPNetwork] = []
@@ -233,7 +239,11 @@ class Settings(BaseSettings):
             raise ValueError("debe ser una ruta sin espacios, '?' ni '#' (por ejemplo /api/callback)")
         # SAM accepts the path with or without its leading slash (`api/callback`).
         value = "/" + value.lstrip("/")
-        return value.rstrip("/") or "/"
+        value = value.rstrip("/") or "/"
+        if value in _BUILT_IN_PATHS:
+            # The callback would take the route over: a load balancer's /health would get 405.
+            raise ValueError(f"{value} es una ruta propia del servicio; elija otra (por ejemplo /api/callback)")
+        return value
 
     @field_validator("sql_driver")
     @classmethod
