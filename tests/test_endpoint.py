@@ -121,6 +121,20 @@ def test_text_plain_json_object_is_accepted(api: TestClient, db_url: str) -> Non
     assert post(api, {"deploymentId": "dep-txt", "status": "RUN_COMPLETED"}, headers=headers).status_code == 200
 
 
+@pytest.mark.parametrize("body", [b"hola", b"[1, 2]", b'"texto"', b"\xff\xfe"])
+def test_text_plain_that_is_not_a_json_object_is_an_unsupported_type(api: TestClient, body: bytes) -> None:
+    """SPEC 2.1 takes text/plain only when it parses as a JSON object; anything else is 415, not 400."""
+    headers = {"X-Authorization": TOKEN, "Content-Type": "text/plain"}
+    answer = post(api, body, headers=headers)
+    assert answer.status_code == 415 and answer.json()["code"] == "unsupported_media_type"
+
+
+def test_text_plain_object_with_bad_fields_is_still_a_400_with_details(api: TestClient) -> None:
+    headers = {"X-Authorization": TOKEN, "Content-Type": "text/plain"}
+    answer = post(api, {"deploymentId": "dep-txt-400"}, headers=headers)
+    assert answer.status_code == 400 and answer.json()["details"][0]["field"] == "status"
+
+
 def test_charset_parameter_is_accepted(api: TestClient, db_url: str) -> None:
     insert_run(db_url, "dep-cs", "RUNNING")
     headers = {"X-Authorization": TOKEN, "Content-Type": "application/json; charset=UTF-8"}
@@ -183,6 +197,20 @@ def test_unknown_path_is_404_envelope(api: TestClient) -> None:
     answer = api.get("/no/existe")
     assert answer.status_code == 404
     assert answer.json()["status"] == "ERROR" and answer.json()["code"] == "not_found" and answer.json()["request_id"]
+
+
+@pytest.mark.parametrize("path", ["/health", "/ready", "/metrics"])
+def test_head_works_wherever_get_does(api: TestClient, path: str) -> None:
+    """Load balancers probe with HEAD: the GET's status and headers, no body."""
+    answer = api.head(path)
+    assert answer.status_code == 200 and answer.content == b"" and answer.headers["x-request-id"]
+
+
+@pytest.mark.parametrize("path", ["/health/", "/ready/", "/panel/", "/docs/", "/openapi.json/"])
+def test_a_trailing_slash_on_a_built_in_route_is_a_404_envelope_not_a_redirect(api: TestClient, path: str) -> None:
+    answer = api.get(path, headers={"Host": "otro-servidor.example"}, follow_redirects=False)
+    assert answer.status_code == 404 and "location" not in answer.headers
+    assert answer.json()["code"] == "not_found"
 
 
 def test_health_has_sams_shape(api: TestClient) -> None:

@@ -45,6 +45,28 @@ MALFORMED = {
 }
 
 
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("huge_integer", "número fuera de rango"),
+        ("float_overflow", "número fuera de rango"),
+        ("deeply_nested_objects", "anida demasiados niveles"),
+        ("nan", "no es JSON válido"),
+        ("unterminated", "no es JSON válido"),
+        ("not_an_object", "debe ser un objeto JSON"),
+        ("invalid_utf8", "no es UTF-8 válido"),
+    ],
+)
+def test_the_400_says_truly_why_the_body_was_refused(
+    make_settings: Callable[..., Settings], name: str, problem: str
+) -> None:
+    """Valid JSON refused on purpose (a 100 000-digit number, deep nesting) is not called invalid JSON."""
+    with TestClient(create_app(make_settings()), raise_server_exceptions=False) as api:
+        answer = api.post("/api/callback", content=MALFORMED[name], headers=auth_headers())
+    assert answer.status_code == 400
+    assert problem in answer.json()["details"][0]["problem"]
+
+
 @pytest.fixture
 def api(make_settings: Callable[..., Settings]) -> Iterator[TestClient]:
     """A service with a small body limit so that limits are cheap to cross."""

@@ -13,7 +13,7 @@ from starlette.types import Receive, Scope, Send
 
 from .domain import AuthFailure, ResultCode, describe
 from .logs import log_fields
-from .payload import PayloadError, is_probe, parse_callback
+from .payload import NotAJsonObject, PayloadError, is_probe, parse_callback
 from .protocols import BODY_RECEIVED
 from .rejected import RejectedStoreError
 from .responses import send_envelope, send_recorded
@@ -130,18 +130,19 @@ class CallbackEndpoint:
             return ResultCode.UNSUPPORTED_MEDIA_TYPE, None, None
         try:
             callback = parse_callback(body)
-        except PayloadError as exc:
-            log.warning(
-                "Callback rechazado por payload no válido cliente=%s detalles=%s",
-                client,
-                exc.details,
-            )
-            reason = "; ".join(f"{detail['field']}: {detail['problem']}" for detail in exc.details)
+        except NotAJsonObject as exc:
+            if content_type != b"text/plain":
+                return await self._invalid(send, request_id, client, headers, body, exc)
+            # SPEC 2.1 takes text/plain only when it carries a JSON object: otherwise it is one
+            # more content type this service does not read.
+            reason = f"tipo de contenido no admitido: text/plain sin un objeto JSON ({exc.details[0]['problem']})"
             await self._keep_rejected(
-                body, request_id, client, ResultCode.INVALID_PAYLOAD, reason, headers, exc.deployment_id
+                body, request_id, client, ResultCode.UNSUPPORTED_MEDIA_TYPE, reason, headers, None
             )
-            await send_envelope(send, ResultCode.INVALID_PAYLOAD, request_id, details=exc.details)
-            return ResultCode.INVALID_PAYLOAD, exc.deployment_id, exc.status
+            await send_envelope(send, ResultCode.UNSUPPORTED_MEDIA_TYPE, request_id)
+            return ResultCode.UNSUPPORTED_MEDIA_TYPE, None, None
+        except PayloadError as exc:
+            return await self._invalid(send, request_id, client, headers, body, exc)
         if is_probe(callback):
             # A smoke test of the deployment: it got this far, so it is authentic and valid.
             await send_recorded(send, ResultCode.PROBE, request_id, callback.deployment_id)
@@ -155,6 +156,23 @@ class CallbackEndpoint:
         else:
             await send_recorded(send, code, request_id, callback.deployment_id)
         return code, callback.deployment_id, callback.status
+
+    async def _invalid(
+        self,
+        send: Send,
+        request_id: str,
+        client: str,
+        headers: dict[bytes, bytes],
+        body: bytes,
+        exc: PayloadError,
+    ) -> tuple[ResultCode, str | None, str | None]:
+        log.warning("Callback rechazado por payload no válido cliente=%s detalles=%s", client, exc.details)
+        reason = "; ".join(f"{detail['field']}: {detail['problem']}" for detail in exc.details)
+        await self._keep_rejected(
+            body, request_id, client, ResultCode.INVALID_PAYLOAD, reason, headers, exc.deployment_id
+        )
+        await send_envelope(send, ResultCode.INVALID_PAYLOAD, request_id, details=exc.details)
+        return ResultCode.INVALID_PAYLOAD, exc.deployment_id, exc.status
 
     async def _keep_rejected(
         self,

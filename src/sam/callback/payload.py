@@ -89,6 +89,13 @@ class PayloadError(Exception):
         self.status = status
 
 
+class NotAJsonObject(PayloadError):
+    """The body is not one JSON object at all (as opposed to an object with invalid fields)."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__([{"field": "body", "problem": problem}])
+
+
 class _RepeatedKeys(dict[str, Any]):
     """A decoded object that named one of `_SINGLE_KEYS` more than once."""
 
@@ -108,6 +115,10 @@ def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return marked
 
 
+class _OutOfRange(ValueError):
+    """A JSON number this service will not hold (valid JSON, refused on purpose)."""
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"constante no permitida en JSON: {name}")
 
@@ -115,13 +126,13 @@ def _reject_constant(name: str) -> Any:
 def _parse_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
-        raise ValueError("número fuera de rango")
+        raise _OutOfRange("número fuera de rango")
     return value
 
 
 def _parse_int(text: str) -> int:
     if len(text.lstrip("-")) > _MAX_INT_DIGITS:
-        raise ValueError("número fuera de rango")
+        raise _OutOfRange("número fuera de rango")
     return int(text)
 
 
@@ -146,7 +157,7 @@ def decode_body(body: bytes) -> tuple[str, dict[str, Any]]:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
-        raise PayloadError([{"field": "body", "problem": "el cuerpo no es UTF-8 válido"}]) from None
+        raise NotAJsonObject("el cuerpo no es UTF-8 válido") from None
     # A BOM is tolerated (some Windows tools add one) but is not part of the stored JSON.
     parsed_text = text[1:] if text.startswith("\ufeff") else text
     try:
@@ -154,10 +165,16 @@ def decode_body(body: bytes) -> tuple[str, dict[str, Any]]:
         value, end = decoder.raw_decode(parsed_text, _skip_space(parsed_text, 0))
         if _skip_space(parsed_text, end) != len(parsed_text):
             raise ValueError("datos sobrantes")
-    except (ValueError, RecursionError):
-        raise PayloadError([{"field": "body", "problem": "el cuerpo no es JSON válido"}]) from None
+    except _OutOfRange:
+        raise NotAJsonObject(
+            f"el cuerpo tiene un número fuera de rango (más de {_MAX_INT_DIGITS} cifras, o demasiado grande)"
+        ) from None
+    except RecursionError:
+        raise NotAJsonObject("el cuerpo anida demasiados niveles de objetos o listas") from None
+    except ValueError:
+        raise NotAJsonObject("el cuerpo no es JSON válido") from None
     if not isinstance(value, dict):
-        raise PayloadError([{"field": "body", "problem": "el cuerpo debe ser un objeto JSON"}])
+        raise NotAJsonObject("el cuerpo debe ser un objeto JSON")
     return parsed_text, value
 
 
