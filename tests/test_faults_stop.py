@@ -71,6 +71,10 @@ def test_stop_signal_lets_in_flight_requests_finish_then_exits_0(
     assert b'"updated"' in answer
     assert server.process.wait(60) == 0, server.console()[-3000:]
     assert fetch_run(database, "stop-1")["CallbackInfo"] == raw.decode()  # type: ignore[index]
+    # Each worker's log ends with its stop, not cut short by the signal uvicorn raises again.
+    logged = "".join(path.read_text(encoding="utf-8") for path in sorted((tmp_path / "logs").glob("*.log*")))
+    assert logged.count("sam-callback detenido") == int(workers), logged[-3000:]
+    assert logged.count("Finished server process") == int(workers), logged[-3000:]
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
@@ -91,6 +95,8 @@ def test_a_stop_signal_repeated_while_the_process_exits_still_ends_with_0(
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(0.005)
     assert process.returncode == 0, server.console()[-3000:]
+    # Every process wrote its last lines: none died of the signal uvicorn raises again at the end.
+    assert server.console().count("sam-callback detenido") == int(workers), server.console()[-3000:]
 
 
 @pytest.mark.skipif(sys.platform != "win32", reason="CTRL_BREAK_EVENT solo existe en Windows")

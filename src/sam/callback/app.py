@@ -94,13 +94,16 @@ def _json(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def create_app(settings: Settings, *, watch_credentials: bool = False) -> CallbackDispatcher:
+def create_app(
+    settings: Settings, *, watch_credentials: bool = False, worker_process: bool = False
+) -> CallbackDispatcher:
     """Build the ASGI application; nothing is opened until the lifespan starts.
 
     Args:
         settings: the configuration to serve with.
         watch_credentials: re-read credentials from `.env` and the key file while serving (SPEC 11);
             only for settings that came from the environment, as `serve` builds them.
+        worker_process: the app runs in one of uvicorn's worker processes (see `_hold_stop_signals`).
     """
     runtime = Runtime.build(settings)
     # The operator page's record of recent events; each process publishes its own next to the spool.
@@ -129,6 +132,8 @@ def create_app(settings: Settings, *, watch_credentials: bool = False) -> Callba
             await anyio.to_thread.run_sync(publisher.stop)
             # Stopping joins the writer thread; do it off the loop so the loop stays responsive.
             await anyio.to_thread.run_sync(runtime.stop)
+            if worker_process:
+                _hold_stop_signals()
 
     docs = settings.docs_enabled
     api = FastAPI(
@@ -149,6 +154,18 @@ def create_app(settings: Settings, *, watch_credentials: bool = False) -> Callba
     install_openapi(api, settings)
     endpoint = CallbackEndpoint(runtime=runtime, activity=activity)
     return CallbackDispatcher(api, endpoint, path=settings.endpoint_path, runtime=runtime)
+
+
+def _hold_stop_signals() -> None:
+    """Keep the stop signal uvicorn re-raises in a worker from killing it before its log is flushed.
+
+    Once a worker's server has shut down, uvicorn puts the default handlers back and raises the
+    stop signal again: the worker died of it before its exit handlers ran, and the last queued log
+    lines ("sam-callback detenido", alerts logged at stop) were lost. Blocked in this thread (the
+    loop's, which raises it), the signal stays pending and the worker ends normally. POSIX only.
+    """
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 def _reload_on_sighup(runtime: Runtime) -> None:
@@ -294,4 +311,4 @@ def app_from_environment() -> CallbackDispatcher:
     # In a worker process uvicorn logs before the lifespan starts ("Started server process");
     # configure logging now so those lines reach the file, and flush it when the worker exits.
     atexit.register(close_logging, ensure_logging(settings))
-    return create_app(settings, watch_credentials=True)
+    return create_app(settings, watch_credentials=True, worker_process=True)
