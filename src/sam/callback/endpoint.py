@@ -121,13 +121,8 @@ class CallbackEndpoint:
         if body is None:
             return ResultCode.CLIENT_DISCONNECTED, None, None
         if unsupported:
-            # Authenticated, so the body is kept: A360 will not send it again (SPEC 10).
             reason = f"tipo de contenido no admitido: {_text(content_type)}"
-            await self._keep_rejected(
-                body, request_id, client, ResultCode.UNSUPPORTED_MEDIA_TYPE, reason, headers, None
-            )
-            await send_envelope(send, ResultCode.UNSUPPORTED_MEDIA_TYPE, request_id)
-            return ResultCode.UNSUPPORTED_MEDIA_TYPE, None, None
+            return await self._unsupported(send, request_id, client, headers, body, reason)
         try:
             callback = parse_callback(body)
         except NotAJsonObject as exc:
@@ -136,11 +131,7 @@ class CallbackEndpoint:
             # SPEC 2.1 takes text/plain only when it carries a JSON object: otherwise it is one
             # more content type this service does not read.
             reason = f"tipo de contenido no admitido: text/plain sin un objeto JSON ({exc.details[0]['problem']})"
-            await self._keep_rejected(
-                body, request_id, client, ResultCode.UNSUPPORTED_MEDIA_TYPE, reason, headers, None
-            )
-            await send_envelope(send, ResultCode.UNSUPPORTED_MEDIA_TYPE, request_id)
-            return ResultCode.UNSUPPORTED_MEDIA_TYPE, None, None
+            return await self._unsupported(send, request_id, client, headers, body, reason)
         except PayloadError as exc:
             return await self._invalid(send, request_id, client, headers, body, exc)
         if is_probe(callback):
@@ -156,6 +147,15 @@ class CallbackEndpoint:
         else:
             await send_recorded(send, code, request_id, callback.deployment_id)
         return code, callback.deployment_id, callback.status
+
+    async def _unsupported(
+        self, send: Send, request_id: str, client: str, headers: dict[bytes, bytes], body: bytes, reason: str
+    ) -> tuple[ResultCode, str | None, str | None]:
+        # Authenticated, so the body is kept: A360 will not send it again (SPEC 10).
+        code = ResultCode.UNSUPPORTED_MEDIA_TYPE
+        await self._keep_rejected(body, request_id, client, code, reason, headers, None)
+        await send_envelope(send, code, request_id)
+        return code, None, None
 
     async def _invalid(
         self,
