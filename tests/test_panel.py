@@ -314,6 +314,15 @@ def test_forwarded_address_counts_only_from_a_trusted_proxy(make_settings: Calla
         assert client.get("/panel", headers={"X-Forwarded-For": "10.1.2.3"}).status_code == 403
 
 
+def test_a_local_proxy_does_not_open_the_page_to_unreadable_clients(make_settings: Callable[..., Settings]) -> None:
+    """Behind a proxy on the same host (loopback, the default admin list) only loopback clients get in."""
+    settings = make_settings(trusted_proxies="127.0.0.1")
+    with _client(settings, "127.0.0.1") as client:
+        assert client.get("/panel", headers={"X-Forwarded-For": "127.0.0.1:51000"}).status_code == 200
+        for chain in ("8.8.8.8", "8.8.8.8:5678", "[2001:db8::1]:1234", "unknown", "", "8.8.8.8, garbage"):
+            assert client.get("/panel", headers={"X-Forwarded-For": chain}).status_code == 403, chain
+
+
 def test_filter_by_deployment_id_and_plot(make_settings: Callable[..., Settings]) -> None:
     """The filter keeps the matching callbacks only; the plot counts this minute's callbacks."""
     with _client(make_settings(), "127.0.0.1") as client:

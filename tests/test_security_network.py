@@ -84,6 +84,26 @@ def test_forwarded_for_is_honoured_from_trusted_proxies(service: Callable[..., A
         assert post(gateway, {"X-Forwarded-For": "10.1.2.3, 10.1.2.4, " + "x" * 5000}).status_code == 403
 
 
+def test_forwarded_hops_with_a_port_name_the_client(service: Callable[..., Any]) -> None:
+    """IIS ARR and Azure Application Gateway write the client's port too: the address still counts."""
+    with service(allowed_ips="10.0.0.0/8, 2001:db8::/32", trusted_proxies=PROXY) as peer:
+        gateway = peer(PROXY)
+        assert post(gateway, {"X-Forwarded-For": "10.1.2.3:51234"}).status_code == 202
+        assert post(gateway, {"X-Forwarded-For": "[2001:db8::7]:51234"}).status_code == 202
+        assert post(gateway, {"X-Forwarded-For": "2001:db8::7"}).status_code == 202
+        assert post(gateway, {"X-Forwarded-For": "203.0.113.9:51234"}).status_code == 403
+
+
+def test_an_unreadable_forwarding_chain_is_nobody_the_allowlist_knows(service: Callable[..., Any]) -> None:
+    """Behind a trusted proxy that the allowlist holds, a garbled or empty chain is refused, not the proxy's."""
+    with service(allowed_ips=f"10.0.0.0/8, {PROXY}", trusted_proxies=PROXY) as peer:
+        gateway = peer(PROXY)
+        assert post(gateway).status_code == 202  # the proxy itself, with no forwarding header
+        for chain in ("unknown", "", "10.1.2.3, garbage", "8.8.8.8:port:x"):
+            answer = post(gateway, {"X-Forwarded-For": chain})
+            assert answer.status_code == 403, chain
+
+
 def test_repeated_failures_get_429_with_retry_after(service: Callable[..., Any]) -> None:
     """Past the limit an address gets 429 with Retry-After; a valid request from it still passes."""
     with service(auth_failures_limit=3) as peer:
