@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from sam.callback.settings import Settings
-from tests.utils import OUR_PREFIXES, ServerProcess, free_port, insert_run, run_cli, wait_for
+from tests.utils import OUR_PREFIXES, Keys, ServerProcess, free_port, insert_run, run_cli, wait_for
 
 # Our own copies of the shapes of SAM's `.env.example` files: the same variable names, quoting
 # and layouts (a %-style LOG_FORMATO, a braced driver, a placeholder JWT key, APIGW_CLIENT_ID
@@ -150,26 +150,30 @@ def _clean_environment() -> dict[str, str]:
 
 
 @pytest.fixture
-def sam_service(tmp_path: Path) -> Iterator[Callable[[str], tuple[ServerProcess, Path]]]:
-    """The real service started in a folder holding one of SAM's .env files."""
+def sam_service(tmp_path: Path) -> Iterator[Callable[..., tuple[ServerProcess, Path]]]:
+    """The real service started in a folder holding one of SAM's .env files (plus `extra` variables)."""
     servers: list[ServerProcess] = []
 
-    def start(name: str) -> tuple[ServerProcess, Path]:
+    def start(name: str, **extra: str) -> tuple[ServerProcess, Path]:
         (tmp_path / ".env").write_text(FIXTURES[name][0], encoding="utf-8")
         port = free_port()
         # The environment wins over .env: a free port, a local address, a log folder this
         # machine has (C:/RPA/Logs/SAM is SAM's Windows default), and SQLite instead of the
         # fixture's SQL Server (SAM_DATABASE_URL wins over SQL_SAM_*).
-        env = _clean_environment() | {
-            "CALLBACK_PUERTO": str(port),
-            "CALLBACK_SERVER_PORT": str(port),
-            "CALLBACK_HOST": "127.0.0.1",
-            "CALLBACK_SERVER_HOST": "127.0.0.1",
-            "LOG_DIRECTORIO": str(tmp_path / "logs"),
-            "LOG_DIRECTORY": str(tmp_path / "logs"),
-            "SAM_DATABASE_URL": f"sqlite:///{(tmp_path / 'sam.db').as_posix()}",
-            "CALLBACK_SPOOL_PATH": str(tmp_path / "spool.db"),
-        }
+        env = (
+            _clean_environment()
+            | {
+                "CALLBACK_PUERTO": str(port),
+                "CALLBACK_SERVER_PORT": str(port),
+                "CALLBACK_HOST": "127.0.0.1",
+                "CALLBACK_SERVER_HOST": "127.0.0.1",
+                "LOG_DIRECTORIO": str(tmp_path / "logs"),
+                "LOG_DIRECTORY": str(tmp_path / "logs"),
+                "SAM_DATABASE_URL": f"sqlite:///{(tmp_path / 'sam.db').as_posix()}",
+                "CALLBACK_SPOOL_PATH": str(tmp_path / "spool.db"),
+            }
+            | extra
+        )
         server = ServerProcess(env=env, cwd=tmp_path, port=port)
         servers.append(server)
         return server.start(), tmp_path
@@ -221,6 +225,29 @@ def test_sam_env_file_starts_the_service_unchanged(
     assert any(" - WARNING - " in line and "JWT_CLAVE_PUBLICA" in line for line in lines), lines
     output = log_file.read_text(encoding="utf-8") + server.console()
     assert token not in output and all(secret not in output for secret in SECRETS)
+
+
+def test_unlock_with_the_client_id_the_launcher_before_the_renaming_sends(
+    sam_service: Callable[..., tuple[ServerProcess, Path]], keys: Keys
+) -> None:
+    """SAM before the renaming sends API_GATEWAY_CLIENT_ID; its .env gives APIGW_CLIENT_ID to the auth server.
+
+    With the gateway's real key in place of the placeholder, the web unlock (JWT and client id
+    only) is accepted with the launcher's client id, and with the one APIGW_CLIENT_ID names.
+    """
+    server, folder = sam_service("01b29a7", JWT_PUBLIC_KEY=keys.public_pem)
+    database = f"sqlite:///{(folder / 'sam.db').as_posix()}"
+    jwt = keys.token(aud="fixture-audience", iss="fixture-issuer")
+    for number, (client_id, expected) in enumerate(
+        [("old-gw-client", 200), ("old-auth-client", 200), ("otro-cliente", 401), (None, 401)]
+    ):
+        deployment_id = f"dep-unlock-{number}"
+        insert_run(database, deployment_id)
+        headers = {"Authorization": f"Bearer {jwt}"} | ({"x-ibm-client-id": client_id} if client_id else {})
+        answer = httpx.post(
+            server.callback_url, json={"deploymentId": deployment_id, "status": "RUN_ABORTED"}, headers=headers
+        )
+        assert answer.status_code == expected, (client_id, answer.text)
 
 
 @pytest.mark.parametrize("release", sorted(FIXTURES))
@@ -284,3 +311,5 @@ def test_sam_env_file_values_as_read(tmp_path: Path, release: str) -> None:
         assert "SERVER=10.20.30.50;DATABASE=SAM_OLD;UID=old_user;" in odbc
         assert settings.sql_connect_timeout == 50 and settings.log_backup_count == 6
         assert settings.api_gateway_client_id == "old-auth-client"  # APIGW_CLIENT_ID first, as SAM reads it
+        # ...but that release's launcher sends API_GATEWAY_CLIENT_ID: both are accepted.
+        assert settings.gateway_client_ids == ("old-auth-client", "old-gw-client")

@@ -298,6 +298,6 @@ def test_credential_settings_are_spec_11s_list() -> None:
 
     assert {NAMES[field][0] for field in CREDENTIAL_FIELDS} == {
         "CALLBACK_TOKEN", "CALLBACK_TOKENS_ANTERIORES", "JWT_CLAVE_PUBLICA", "JWT_AUDIENCE", "JWT_ISSUER",
-        "APIGW_CLIENT_ID", "CALLBACK_ALLOWED_IPS",
+        "APIGW_CLIENT_ID", "API_GATEWAY_CLIENT_ID", "CALLBACK_ALLOWED_IPS",
     }  # fmt: skip
     assert set(NAMES) == set(Settings.model_fields)  # every setting has its SAM names

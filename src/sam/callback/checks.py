@@ -94,7 +94,14 @@ def run_checks(settings: Settings) -> int:
             _line(False, problem)
         return 2
     _line(True, f"Configuración válida (modo de autenticación: {settings.auth_mode})")
-    for _field, used, ignored in conflicts(read_environment(env_file_path())):
+    for field, used, ignored in conflicts(read_environment(env_file_path())):
+        if field == "api_gateway_client_id":
+            # A .env from before SAM's renaming: the launcher sends API_GATEWAY_CLIENT_ID.
+            _line(
+                None,
+                f"{used} y {ignored} tienen valores distintos: x-ibm-client-id se acepta con cualquiera de los dos",
+            )
+            continue
         _line(None, f"{used} y {ignored} tienen valores distintos: se usa {used} (el nombre actual de SAM)")
     for name in repeated_in_file(env_file_path()):
         _line(None, f"{name} aparece varias veces en .env con valores distintos: se usa la última línea")

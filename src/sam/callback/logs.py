@@ -338,6 +338,6 @@ def setup_logging(settings: Settings, secrets: Iterable[str] = ()) -> LoggingHan
 
 def secrets_of(settings: Settings) -> list[str]:
     """Values that must never appear in a log line."""
-    values = [*settings.tokens, settings.sql_pwd or "", settings.api_gateway_client_id or ""]
+    values = [*settings.tokens, settings.sql_pwd or "", *settings.gateway_client_ids]
     values.append(settings.email_password or "")
     return [value for value in values if value]

@@ -24,6 +24,9 @@ NAMES: dict[str, tuple[str, ...]] = {
     "token": ("CALLBACK_TOKEN",),
     "previous_tokens": ("CALLBACK_TOKENS_ANTERIORES", "CALLBACK_PREVIOUS_TOKENS"),
     "api_gateway_client_id": ("APIGW_CLIENT_ID", "API_GATEWAY_CLIENT_ID"),
+    # Read on its own as well: in SAM's files before the renaming, APIGW_CLIENT_ID is the auth
+    # server's client and API_GATEWAY_CLIENT_ID the one the launcher sends (see Settings).
+    "api_gateway_client_id_older": ("API_GATEWAY_CLIENT_ID",),
     "jwt_public_key": ("JWT_CLAVE_PUBLICA", "JWT_PUBLIC_KEY"),
     "jwt_audience": ("JWT_AUDIENCE",),
     "jwt_issuer": ("JWT_ISSUER",),

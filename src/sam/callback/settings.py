@@ -31,8 +31,11 @@ AuthMode = Literal["optional", "required", "none"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # SPEC 11: the settings that are credentials (re-read without a restart); the rest need one.
 CREDENTIAL_FIELDS = frozenset(
-    {"token", "previous_tokens", "jwt_public_key", "jwt_audience", "jwt_issuer", "api_gateway_client_id", "allowed_ips"}
-)
+    {
+        "token", "previous_tokens", "jwt_public_key", "jwt_audience", "jwt_issuer",
+        "api_gateway_client_id", "api_gateway_client_id_older", "allowed_ips",
+    }
+)  # fmt: skip
 # LOG_FORMATO values that are not a logging format string.
 NAMED_LOG_FORMATS = frozenset({"text", "json"})
 
@@ -105,6 +108,7 @@ class Settings(BaseSettings):
     token: str | None = None
     previous_tokens: list[str] = Field(default_factory=list)
     api_gateway_client_id: str | None = None
+    api_gateway_client_id_older: str | None = None
     jwt_public_key: str | None = None
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
@@ -184,7 +188,7 @@ class Settings(BaseSettings):
         return value
 
     @field_validator(
-        "token", "api_gateway_client_id", "jwt_public_key", "jwt_audience", "jwt_issuer",
+        "token", "api_gateway_client_id", "api_gateway_client_id_older", "jwt_public_key", "jwt_audience", "jwt_issuer",
         "database_url", "sql_host", "sql_db_name", "sql_uid", "sql_pwd",
         "ssl_certfile", "ssl_keyfile",
         mode="before",
@@ -270,6 +274,18 @@ class Settings(BaseSettings):
     def tokens(self) -> list[str]:
         """Static tokens accepted: CALLBACK_TOKEN, taken whole, then the previous ones."""
         return ([self.token] if self.token else []) + [t for t in self.previous_tokens if t != self.token]
+
+    @property
+    def gateway_client_ids(self) -> tuple[str, ...]:
+        """The `x-ibm-client-id` values a JWT may come with: APIGW_CLIENT_ID, then API_GATEWAY_CLIENT_ID.
+
+        SAM's current `.env` names the launcher's gateway client APIGW_CLIENT_ID. Its files from
+        before the renaming name it API_GATEWAY_CLIENT_ID and use APIGW_CLIENT_ID for the auth
+        server; that launcher (and the web unlock) sends the former. Both are the operator's
+        own values, so either is accepted rather than refusing that launcher's callbacks.
+        """
+        ids = (self.api_gateway_client_id, self.api_gateway_client_id_older)
+        return tuple(dict.fromkeys(value for value in ids if value))
 
     @property
     def final_state_set(self) -> frozenset[str]:
