@@ -48,6 +48,8 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         ("APIGW_CLIENT_ID", "cliente-gw", "api_gateway_client_id", "cliente-gw"),
         ("API_GATEWAY_CLIENT_ID", "cliente-gw", "api_gateway_client_id", "cliente-gw"),
         ("LOG_NIVEL", "debug", "log_level", "DEBUG"),
+        ("LOG_NIVEL", "warn", "log_level", "WARNING"),  # logging's aliases, which SAM's services take
+        ("LOG_NIVEL", "FATAL", "log_level", "CRITICAL"),
         ("LOG_BACKUP_CANTIDAD", "7", "log_backup_count", 7),
         ("LOG_FECHA_FORMATO", "%d/%m/%Y %H:%M", "log_date_format", "%d/%m/%Y %H:%M"),
         ("LOG_DATEFMT", "%d/%m/%Y", "log_date_format", "%d/%m/%Y"),

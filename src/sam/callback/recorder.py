@@ -67,6 +67,8 @@ class _Item:
     # None from the watchdog: the writer did not answer in time and the request takes over.
     future: asyncio.Future[ResultCode | None]
     deadline: float
+    # Wall-clock arrival: a callback the request spools itself still ends its run at its arrival.
+    arrived: float = 0.0
     result: ResultCode = field(default=ResultCode.UNAVAILABLE)
     taken_over: bool = False
 
@@ -151,7 +153,7 @@ class Recorder:
         """Record one callback durably; return the envelope code once it is committed."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[ResultCode | None] = loop.create_future()
-        item = _Item(callback, request_id, future, loop.time() + self.database_timeout)
+        item = _Item(callback, request_id, future, loop.time() + self.database_timeout, time.time())
         # One watchdog for all requests instead of a timeout per request: arming and cancelling
         # a timer for every callback cost more than the rest of this method.
         self._waiting.append(item)
@@ -187,7 +189,9 @@ class Recorder:
 
     def _spool_stuck(self, item: _Item) -> ResultCode:
         try:
-            self.spool.add([NewEntry(item.callback, item.request_id, QUEUED)], now=time.time(), first_delay=0.0)
+            # Kept with its arrival time, not this moment: the database's FechaFin is computed from
+            # it (SPEC 4 step 1), and the wait for a stuck database is part of the outage.
+            self.spool.add([NewEntry(item.callback, item.request_id, QUEUED)], now=item.arrived, first_delay=0.0)
         except SpoolError as exc:
             log.error("No se pudo guardar en el spool un callback con la base de datos bloqueada: %s", exc)
             return ResultCode.UNAVAILABLE

@@ -175,7 +175,11 @@ class Settings(BaseSettings):
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_level(cls, value: Any) -> Any:
-        return value.strip().upper() if isinstance(value, str) else value
+        if not isinstance(value, str):
+            return value
+        # SAM's services take any name `logging` knows: WARN and FATAL are its aliases.
+        value = value.strip().upper()
+        return {"WARN": "WARNING", "FATAL": "CRITICAL"}.get(value, value)
 
     @field_validator("log_format")
     @classmethod
