@@ -62,6 +62,41 @@ def test_check_reports_ok_and_warns_about_short_tokens(tmp_path: Path) -> None:
     assert "corto" not in result.stdout
 
 
+def test_a_env_file_that_is_not_utf8_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """Notepad's "ANSI" with an accented comment: every command says which line, and stops with 2."""
+    (tmp_path / ".env").write_bytes(b"# Configuraci\xf3n de SAM\nCALLBACK_TOKEN=" + TOKEN.encode() + b"\n")
+    for command in (["serve"], ["check"], ["spool", "list"], ["status"]):
+        result = cli(tmp_path, *command)
+        assert result.returncode == 2, (command, result.stderr)
+        assert result.stderr.strip().splitlines() == [
+            "Error de configuración: .env: no es texto UTF-8 (línea 1, byte 0xf3); guárdelo con codificación UTF-8"
+        ], command
+
+
+def test_a_log_folder_that_cannot_be_written_stops_serve_and_check_with_exit_2(tmp_path: Path) -> None:
+    """A log folder under a file (or a missing drive, no permission) is a configuration error, not a traceback."""
+    (tmp_path / "afile").write_text("")
+    folder = str(tmp_path / "afile" / "logs")
+    for command in ("serve", "check"):
+        result = cli(tmp_path, command, LOG_DIRECTORY=folder)
+        output = result.stdout + result.stderr
+        assert result.returncode == 2, output
+        assert "no se puede escribir el log" in output and "Traceback" not in output
+        assert "Configuración válida" not in output
+    # A file name with folders in it is fine: they are created, as the log folder is.
+    result = cli(tmp_path, "check", LOG_ARCHIVO_CALLBACK="sub/dir/callback.log")
+    assert result.returncode == 0, result.stdout
+    assert "[OK]    Log utilizable" in result.stdout and (tmp_path / "logs" / "sub" / "dir").is_dir()
+
+
+def test_check_refuses_an_unusable_database_url_as_serve_does(tmp_path: Path) -> None:
+    for command in ("serve", "check"):
+        result = cli(tmp_path, command, SAM_DATABASE_URL="nonsense://x")
+        output = result.stdout + result.stderr
+        assert result.returncode == 2, output
+        assert "no es una URL de base de datos válida" in output and "Configuración válida" not in output
+
+
 def test_check_fails_readably_when_the_database_is_down(tmp_path: Path) -> None:
     result = cli(tmp_path, "check", SAM_DATABASE_URL="postgresql+psycopg://postgres:secreto@127.0.0.1:1/sam")
     assert result.returncode == 1

@@ -6,6 +6,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .auth import Authenticator
+from .logs import log_file_problem
 from .repository import Repository, describe_error, display_url, driver_problem, make_engine
 from .sam_env import conflicts, read_environment, repeated_in_file
 from .settings import ConfigError, Settings, env_file_path
@@ -85,7 +86,7 @@ def _line(ok: bool | None, text: str) -> None:
 
 
 def run_checks(settings: Settings) -> int:
-    """Print one line per check; return 0 when nothing failed, else 1."""
+    """Print one line per check; return 0 when nothing failed, 1 when a check failed, 2 for a configuration `serve` refuses."""
     failed = False
     try:
         authenticator = Authenticator(settings)
@@ -93,7 +94,18 @@ def run_checks(settings: Settings) -> int:
         for problem in exc.problems:
             _line(False, problem)
         return 2
+    url = settings.resolved_database_url()
+    # What `serve` refuses with exit code 2 is a configuration problem here too.
+    unusable = driver_problem(url)
+    config_problems = [f"Base de datos: {unusable}"] if unusable is not None else []
+    log_problem = log_file_problem(settings)
+    config_problems += [log_problem] if log_problem is not None else []
+    if config_problems:
+        for problem in config_problems:
+            _line(False, problem)
+        return 2
     _line(True, f"Configuración válida (modo de autenticación: {settings.auth_mode})")
+    _line(True, f"Log utilizable: {settings.log_file}")
     for field, used, ignored in conflicts(read_environment(env_file_path())):
         if field == "api_gateway_client_id":
             # A .env from before SAM's renaming: the launcher sends API_GATEWAY_CLIENT_ID.
@@ -126,11 +138,6 @@ def run_checks(settings: Settings) -> int:
                 "herramientas quizá en UTF-8 (que no coincidiría); use solo letras, cifras y signos ASCII",
             )
     _mail_lines(settings)
-    url = settings.resolved_database_url()
-    unusable = driver_problem(url)
-    if unusable is not None:
-        _line(False, f"Base de datos: {unusable}")
-        return 1
     repository = Repository(make_engine(url, connect_timeout=settings.sql_connect_timeout), settings.final_state_set)
     shown = display_url(repository.engine.url)
     try:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from .settings import Settings
+from .settings import ConfigError, Settings
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
@@ -297,9 +297,27 @@ class LoggingHandle:
             handler.close()
 
 
+def log_file_problem(settings: Settings) -> str | None:
+    """Why the log file cannot be created or appended to (folders are created), or None."""
+    try:
+        settings.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(settings.log_file, "a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        return f"LOG_DIRECTORIO/LOG_ARCHIVO_CALLBACK: no se puede escribir el log '{settings.log_file}' ({reason})"
+    return None
+
+
 def setup_logging(settings: Settings, secrets: Iterable[str] = ()) -> LoggingHandle:
-    """Console plus a midnight-rotated file, fed through a queue so requests never wait on I/O."""
-    settings.log_directory.mkdir(parents=True, exist_ok=True)
+    """Console plus a midnight-rotated file, fed through a queue so requests never wait on I/O.
+
+    Raises ConfigError when the log file cannot be written (a folder that is a file, a drive
+    that does not exist, no permission): one line and exit code 2, not a traceback.
+    """
+    problem = log_file_problem(settings)
+    if problem is not None:
+        raise ConfigError([problem])
     formatter = _FormatOnce(make_formatter(settings))
     file_handler = SharedTimedRotatingFileHandler(
         settings.log_file,

@@ -82,11 +82,47 @@ def env_name(field: str) -> str:
     return "/".join(names) if names else field.upper()
 
 
+class EnvFileError(ValueError):
+    """The `.env` file cannot be read as UTF-8 text; the message says where and what to do."""
+
+
+def _unreadable(env_file: str | os.PathLike[str], exc: Exception) -> EnvFileError:
+    if isinstance(exc, UnicodeDecodeError):
+        # Notepad's "ANSI" (Windows-1252) is the usual cause: say on which line, so the operator
+        # finds the accented character, and how to save the file.
+        data = Path(env_file).read_bytes()
+        try:
+            data.decode("utf-8")
+            line, byte = 0, 0
+        except UnicodeDecodeError as exact:
+            line, byte = data[: exact.start].count(b"\n") + 1, data[exact.start]
+        where = f"línea {line}, byte 0x{byte:02x}" if line else "codificación no válida"
+        return EnvFileError(f"{env_file}: no es texto UTF-8 ({where}); guárdelo con codificación UTF-8")
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+    return EnvFileError(f"{env_file}: no se puede leer ({reason})")
+
+
+def ensure_readable(env_file: str | os.PathLike[str] | None) -> None:
+    """Raise EnvFileError when `env_file` exists and is not readable UTF-8 text."""
+    if env_file is not None and Path(env_file).is_file():
+        try:
+            Path(env_file).read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError) as exc:
+            raise _unreadable(env_file, exc) from None
+
+
 def read_environment(env_file: str | os.PathLike[str] | None = ".env") -> dict[str, str]:
-    """`.env` overlaid by the process environment (the environment wins), names upper-cased."""
+    """`.env` overlaid by the process environment (the environment wins), names upper-cased.
+
+    Raises EnvFileError when the file is there but is not readable UTF-8 text.
+    """
     merged: dict[str, str] = {}
     if env_file is not None and Path(env_file).is_file():
-        for name, value in dotenv_values(env_file, encoding="utf-8").items():
+        try:
+            values = dotenv_values(env_file, encoding="utf-8")
+        except (UnicodeDecodeError, OSError) as exc:
+            raise _unreadable(env_file, exc) from None
+        for name, value in values.items():
             if value is not None:
                 merged[name.upper()] = value
     for name, value in os.environ.items():
@@ -141,10 +177,13 @@ def repeated_in_file(env_file: str | os.PathLike[str] | None = ".env") -> list[s
         return []
     ours = {name for names in NAMES.values() for name in names}
     seen: dict[str, set[str]] = {}
-    with open(env_file, encoding="utf-8") as stream:
-        for binding in parse_stream(stream):
-            if binding.key is not None and binding.key.upper() in ours:
-                seen.setdefault(binding.key.upper(), set()).add((binding.value or "").strip())
+    try:
+        with open(env_file, encoding="utf-8") as stream:
+            for binding in parse_stream(stream):
+                if binding.key is not None and binding.key.upper() in ours:
+                    seen.setdefault(binding.key.upper(), set()).add((binding.value or "").strip())
+    except (UnicodeDecodeError, OSError):
+        return []  # load_settings has already said why the file cannot be read
     return sorted(name for name, values in seen.items() if len(values) > 1)
 
 

@@ -13,7 +13,7 @@ from urllib.parse import quote_plus
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from .sam_env import SamEnvironmentSource, env_name
+from .sam_env import EnvFileError, SamEnvironmentSource, ensure_readable, env_name
 
 DEFAULT_FINAL_STATES = (
     "COMPLETED",
@@ -458,7 +458,11 @@ def load_settings(*, for_serving: bool = True, **overrides: Any) -> Settings:
         raise ConfigError([f"{ENV_FILE_VARIABLE}: no existe el fichero '{env_file}'"])
     overrides.setdefault("_env_file", env_file)
     try:
+        # pydantic-settings reads the file too, and would fail with a traceback.
+        ensure_readable(overrides["_env_file"])
         settings = Settings(**overrides)
+    except EnvFileError as exc:
+        raise ConfigError([str(exc)]) from None
     except ValidationError as exc:
         lines = []
         for error in exc.errors(include_input=False):
