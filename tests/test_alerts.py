@@ -590,6 +590,59 @@ def test_the_repeat_interval_holds_a_second_mail_and_the_next_one_counts_it(
     assert "CALLBACK_ALERT_REPEAT_SECONDS" in third.body
 
 
+def test_a_mail_that_could_not_be_sent_is_tried_again_soon_with_what_came_since(
+    make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failed send is not the condition's mail for the interval: a minute later it goes, with everything."""
+    caplog.set_level(logging.INFO, logger="sam.callback.alerts")
+    inbox = Inbox()  # not started yet: the mail server is down for the first alerts
+    settings = mail_settings(make_settings, inbox, alert_auth_failures=3, alert_repeat_seconds=3600)
+    clock = FakeClock()
+    alerts = Alerts(settings, clock=clock, retry_seconds=60)
+    wrong = (AuthFailure.TOKEN_INVALID,)
+    alerts.start()
+    try:
+        for _ in range(3):
+            alerts.refused("10.0.0.7", 401, wrong)
+        alerts.unavailable("dep-perdido", "RUN_FAILED", "req-1")
+        wait_for(
+            lambda: sum("No se pudo enviar la alerta" in r.getMessage() for r in caplog.records) >= 2,
+            what="los dos envíos fallidos en el log",
+        )
+        inbox.controller.start()
+        alerts.refused("10.0.0.8", 401, wrong)  # counted with the three the failed mail named
+        clock.now += 60
+        received = inbox.wait(2)
+        clock.now += 60  # nothing new: nothing more is mailed
+        alerts.unmatched("dep-huerfano", "req-9", 86400)
+        assert "dep-huerfano" in inbox.wait(3)[2].body
+    finally:
+        alerts.stop()
+        inbox.controller.stop()
+    by_subject = {mail.subject: mail.body for mail in received}
+    refused = next(body for subject, body in by_subject.items() if "Callbacks rechazados" in subject)
+    assert "4 callbacks rechazados" in refused and "desde el correo anterior" not in refused
+    assert "3 × 401 desde 10.0.0.7" in refused and "1 × 401 desde 10.0.0.8" in refused
+    lost = next(body for subject, body in by_subject.items() if "Callback perdido" in subject)
+    assert "dep-perdido" in lost and "se retuvieron" not in lost
+    assert len(inbox.messages()) == 3
+
+
+def test_an_alert_held_at_stop_after_a_failed_send_does_not_claim_one_was_sent(
+    make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="sam.callback.alerts")
+    alerts = Alerts(_mail_through(make_settings, free_port()), clock=FakeClock())
+    alerts.start()
+    alerts.unavailable("dep-primero", "RUN_FAILED", "req-1")
+    wait_for(lambda: any("No se pudo enviar" in r.getMessage() for r in caplog.records), what="el envío fallido")
+    alerts.unavailable("dep-segundo", "RUN_FAILED", "req-2")
+    alerts.stop()
+    (held,) = [r.getMessage() for r in caplog.records if "al detener el servicio" in r.getMessage()]
+    assert "no se pudo enviar" in held and "ya se envió" not in held
+    assert "dep-primero" in held and "dep-segundo" in held
+
+
 def test_alerts_held_at_stop_are_logged_not_mailed_a_second_time_in_the_interval(
     make_settings: Callable[..., Settings], inbox: Inbox, caplog: pytest.LogCaptureFixture
 ) -> None:

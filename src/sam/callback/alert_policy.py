@@ -14,6 +14,9 @@ AUTH_WINDOW_SECONDS = 600.0
 _LISTED = 20
 # Distinct address/answer/reason triples remembered for one refused-callbacks mail.
 _SOURCES = 100
+# After a mail that could not be delivered, the next try for its condition comes this soon
+# (the repeat interval counts delivered mails only).
+RETRY_SECONDS = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +37,12 @@ class _RefusalTally:
         self.total = 0
         self.counts: dict[tuple[str, int, tuple[AuthFailure, ...]], int] = {}
         self.others = 0
+
+    def merge(self, other: _RefusalTally) -> None:
+        for (client, status, reasons), count in other.counts.items():
+            self.add(Refusal(client, status, reasons), count)
+        self.total += other.others
+        self.others += other.others
 
     def add(self, refusal: Refusal, count: int = 1) -> None:
         self.total += count
@@ -71,16 +80,22 @@ class AlertPolicy:
         database_seconds: float,
         repeat_seconds: float,
         backlog: Callable[[], int | None] = lambda: None,
+        retry_seconds: float = RETRY_SECONDS,
     ) -> None:
         self.auth_failures = auth_failures
         self.database_seconds = database_seconds
         self.repeat_seconds = repeat_seconds
+        self.retry_seconds = min(retry_seconds, repeat_seconds)
         self.backlog = backlog
         self._window: deque[tuple[float, Refusal]] = deque()
         self._last_sent: dict[AlertKind, float] = {}
         self._held: dict[AlertKind, _Held] = {}
         # Refusals counted after a refused-callbacks mail, while its repeat interval runs.
         self._refusals_since_mail: _RefusalTally | None = None
+        # What the last refused-callbacks alert counted: held again if its mail is not delivered.
+        self._last_refusals: _RefusalTally | None = None
+        # Kinds whose last mail was not delivered: the next one is not "since the previous mail".
+        self._unmailed: set[AlertKind] = set()
         # Callbacks answered 503 since the database last answered: the spool could not keep them.
         self._lost_since_up = 0
         self._down_since: float | None = None
@@ -115,14 +130,49 @@ class AlertPolicy:
             tally.add(each)
         window.clear()
         self._last_sent[kind] = now
+        self._last_refusals = tally
         return [Alert(kind, ((wall, tally.summary()),))]
 
     def _mail_refusals_since(self, now: float, wall: float) -> list[Alert]:
         tally, self._refusals_since_mail = self._refusals_since_mail, None
         if tally is None or not tally.total:
             return []
-        self._last_sent[AlertKind.REFUSED_CALLBACKS] = now
-        return [Alert(AlertKind.REFUSED_CALLBACKS, ((wall, tally.summary(since_last_mail=True)),), held=tally.total)]
+        kind = AlertKind.REFUSED_CALLBACKS
+        self._last_sent[kind] = now
+        self._last_refusals = tally
+        if kind in self._unmailed:
+            # The previous mail never arrived: this one is the first the operator reads.
+            self._unmailed.discard(kind)
+            return [Alert(kind, ((wall, tally.summary()),))]
+        return [Alert(kind, ((wall, tally.summary(since_last_mail=True)),), held=tally.total)]
+
+    def not_sent(self, alert: Alert, now: float, wall: float) -> list[Alert]:
+        """`alert`'s mail could not be delivered: it is not its condition's mail for the interval.
+
+        What it said is held again and tried with what has happened since, `retry_seconds`
+        from now instead of a whole repeat interval later (SPEC 9 counts mails, not attempts).
+        """
+        kind = alert.kind
+        self._last_sent[kind] = now - self.repeat_seconds + self.retry_seconds
+        self._unmailed.add(kind)
+        if kind is AlertKind.REFUSED_CALLBACKS:
+            lost, self._last_refusals = self._last_refusals, None
+            if lost is not None:
+                pending = _RefusalTally()
+                pending.merge(lost)
+                if self._refusals_since_mail is not None:
+                    pending.merge(self._refusals_since_mail)
+                self._refusals_since_mail = pending
+        elif kind is AlertKind.DATABASE_DOWN:
+            if self._down_since is not None:
+                self._down_mailed = None  # raised again, with the outage's length so far
+        else:
+            held = self._held_for(kind)
+            earlier = list(held.items)
+            held.items.clear()
+            held.items.extend([*alert.occurrences, *earlier])
+            held.count += alert.unlisted + len(alert.occurrences)
+        return []
 
     def occurrence(self, kind: AlertKind, what: Occurrence, now: float, wall: float) -> list[Alert]:
         """Something that is an alert on its own (a 503, a refusal for good, unmatched, rejected)."""
@@ -173,7 +223,10 @@ class AlertPolicy:
         if held is None or not held.count:
             return []
         self._last_sent[kind] = now
-        return [Alert(kind, tuple(held.items), unlisted=held.count - len(held.items), held=held.count)]
+        # After an undelivered mail nothing was "held back since the previous one": it never came.
+        count = 0 if kind in self._unmailed else held.count
+        self._unmailed.discard(kind)
+        return [Alert(kind, tuple(held.items), unlisted=held.count - len(held.items), held=count)]
 
     def _check_database(self, now: float, wall: float) -> list[Alert]:
         if self._down_since is None or self._down_mailed is not None:
@@ -207,4 +260,8 @@ class AlertPolicy:
         count = held_or_none.count if held_or_none else 0
         items = [*items, (wall, what)][-_LISTED:]
         self._last_sent[kind] = now
-        return [Alert(kind, tuple(items), unlisted=count + 1 - len(items), held=count)]
+        unlisted = count + 1 - len(items)
+        if kind in self._unmailed:
+            self._unmailed.discard(kind)
+            count = 0
+        return [Alert(kind, tuple(items), unlisted=unlisted, held=count)]

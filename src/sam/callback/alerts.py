@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 from functools import partial
 
-from .alert_policy import Alert, AlertPolicy
+from .alert_policy import RETRY_SECONDS, Alert, AlertPolicy
 from .alert_texts import (
     AlertKind,
     Occurrence,
@@ -52,6 +52,7 @@ class Alerts:
         clock: Callable[[], float] = time.monotonic,
         timeout: float = SMTP_TIMEOUT_SECONDS,
         stop_seconds: float = STOP_WAIT_SECONDS,
+        retry_seconds: float = RETRY_SECONDS,
     ) -> None:
         self.mail = MailConfig.from_settings(settings)
         self.repeat_seconds = settings.alert_repeat_seconds
@@ -60,6 +61,7 @@ class Alerts:
             database_seconds=settings.alert_database_seconds,
             repeat_seconds=settings.alert_repeat_seconds,
             backlog=self._backlog,
+            retry_seconds=retry_seconds,
         )
         self.timeout = timeout
         self.stop_seconds = stop_seconds
@@ -79,6 +81,8 @@ class Alerts:
         self._in_flight: Alert | None = None
         self._abandoned = False
         self._warned_clear = False
+        # Whether the last mail of each kind reached the mail server (written by the sender only).
+        self._delivered: dict[AlertKind, bool] = {}
 
     # --- what the request path and the writer call: enqueue only ------------------------------
 
@@ -183,6 +187,13 @@ class Alerts:
             self._log_unsent(alert, "el servidor de correo no respondió antes de detener el servicio")
 
     def _log_held(self, alert: Alert) -> None:
+        if self._delivered.get(alert.kind) is False:
+            log.error(
+                "Alerta sin enviar al detener el servicio: el último correo de este tipo no se pudo enviar"
+                " y el siguiente intento no había llegado. ALERTA %s",
+                self._rendered(alert).summary,
+            )
+            return
         sent = "se envió" if self.mail is not None and not self.mail.problems() else "se registró"
         log.error(
             "Alerta retenida al detener el servicio: ya %s una de este tipo hace menos de"
@@ -284,12 +295,16 @@ class Alerts:
         try:
             security = send(self.mail, message, timeout=self.timeout)
         except MailError as exc:
+            self._delivered[alert.kind] = False
+            # Queued before the line is logged: whoever reads the line knows the retry is planned.
+            self._put(partial(self.policy.not_sent, alert))
             if self._finished(alert):
                 log.error(
-                    "No se pudo enviar la alerta por correo mediante %s: %s. ALERTA %s",
-                    self.mail.describe(), self._redact(str(exc)), text.summary,
+                    "No se pudo enviar la alerta por correo mediante %s: %s; se reintentará en %g s. ALERTA %s",
+                    self.mail.describe(), self._redact(str(exc)), self.policy.retry_seconds, text.summary,
                 )  # fmt: skip
             return
+        self._delivered[alert.kind] = True
         transport = replace(self.mail, negotiated=security).describe()
         log.info(
             "Alerta enviada por correo a %d destinatarios mediante %s: %s",
