@@ -48,6 +48,24 @@ def test_an_authenticated_invalid_body_is_answered_and_kept_as_received(settings
     assert "status" in kept.reason
 
 
+def test_with_rejected_max_zero_nothing_is_kept_and_nothing_claims_it_was(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """CALLBACK_REJECTED_MAX=0 keeps no body (and drops those kept before); the log says so."""
+    earlier = make_settings()
+    with TestClient(create_app(earlier)) as client:
+        assert client.post("/api/callback", content=b"[1]", headers=auth_headers()).status_code == 400
+    assert _kept_count(earlier) == 1
+    settings = make_settings(rejected_max=0)
+    with TestClient(create_app(settings)) as client:
+        answer = client.post("/api/callback", content=b'{"deploymentId": "dep-0"}', headers=auth_headers())
+    assert answer.status_code == 400
+    assert _kept_count(settings) == 0
+    log = settings.log_file.read_text(encoding="utf-8")
+    assert "Callback rechazado NO guardado (CALLBACK_REJECTED_MAX=0" in log and "deploymentId=dep-0" in log
+    assert "guardado n.º" not in log.split("NO guardado", 1)[1]
+
+
 def test_an_unsupported_content_type_is_answered_415_and_kept(settings: Settings) -> None:
     body = b"<callback><deploymentId>dep-xml</deploymentId></callback>"
     with TestClient(create_app(settings)) as client:
@@ -104,7 +122,9 @@ def _keep_one(env: dict[str, str], **entry: Any) -> int:
     store = RejectedStore(Path(env["CALLBACK_SPOOL_PATH"]), max_entries=10)
     try:
         fields = {"client": "10.1.2.3", "code": "invalid_payload"} | entry
-        return store.add(**fields)
+        seq = store.add(**fields)
+        assert seq is not None
+        return seq
     finally:
         store.close()
 

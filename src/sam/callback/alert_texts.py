@@ -174,7 +174,7 @@ class Rejected:
 
     def lines(self) -> list[str]:
         """The callback, who sent it, and why it was rejected."""
-        kept = f" (guardado con n.º {self.seq})" if self.seq is not None else ""
+        kept = f" (guardado con n.º {self.seq})" if self.seq is not None else " (su cuerpo NO se guardó)"
         return [
             f"deploymentId={self.deployment_id or 'ilegible'} desde {self.client} "
             f"request_id={self.request_id}{kept}: {self.reason}"
@@ -286,7 +286,8 @@ _TEXTS: dict[AlertKind, _Text] = {
         subject="Callback rechazado por su contenido",
         what=(
             "Un callback con credenciales válidas fue rechazado por su contenido (400 o 415). Su cuerpo se guardó "
-            "tal como llegó para poder leerlo."
+            "tal como llegó para poder leerlo, salvo donde se indica que no (CALLBACK_REJECTED_MAX=0, o el "
+            "almacén de rechazados no se pudo escribir)."
         ),
         cost=f"Su estado no llegará a SAM por esta vía: {_LOST}.",
         check=(

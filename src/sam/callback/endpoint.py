@@ -200,7 +200,7 @@ class CallbackEndpoint:
             )
         except RejectedStoreError as exc:
             log.error("No se pudo guardar el callback rechazado request_id=%s: %s", request_id, exc)
-            return
+            seq = None
         self.runtime.on_rejected(
             seq=seq, client=client, reason=reason, deployment_id=deployment_id, request_id=request_id
         )

@@ -92,10 +92,15 @@ class RejectedStore:
         content_type: str,
         deployment_id: str | None,
         received_at: float | None = None,
-    ) -> int:
-        """Keep one rejected body; drop the oldest beyond `max_entries`; return its number."""
+    ) -> int | None:
+        """Keep one rejected body; drop the oldest beyond `max_entries`; return its number.
+
+        With `max_entries` 0 (CALLBACK_REJECTED_MAX=0) nothing is kept, the bodies kept before
+        are dropped too, and the answer is None.
+        """
         if self.max_entries <= 0:
-            return 0
+            self.purge()
+            return None
         when = time.time() if received_at is None else received_at
         with self._lock:
             conn = self._connection()

@@ -198,12 +198,21 @@ class Runtime:
         except SpoolError:
             return None
 
-    def on_rejected(self, *, seq: int, client: str, reason: str, deployment_id: str | None, request_id: str) -> None:
-        """An authenticated callback was refused and its body kept: say where to read it."""
-        log.warning(
-            "Callback rechazado guardado n.º %d cliente=%s deploymentId=%s motivo=%s; véalo con `sam-callback spool show %d`",
-            seq, client, deployment_id or "-", reason, seq,
-        )  # fmt: skip
+    def on_rejected(
+        self, *, seq: int | None, client: str, reason: str, deployment_id: str | None, request_id: str
+    ) -> None:
+        """An authenticated callback was refused: say where to read its body (None: it was not kept)."""
+        if seq is None:
+            log.warning(
+                "Callback rechazado NO guardado (CALLBACK_REJECTED_MAX=0 o el almacén falló) cliente=%s "
+                "deploymentId=%s motivo=%s",
+                client, deployment_id or "-", reason,
+            )  # fmt: skip
+        else:
+            log.warning(
+                "Callback rechazado guardado n.º %d cliente=%s deploymentId=%s motivo=%s; véalo con `sam-callback spool show %d`",
+                seq, client, deployment_id or "-", reason, seq,
+            )  # fmt: skip
         self.alerts.rejected(deployment_id=deployment_id, reason=reason, client=client, request_id=request_id, seq=seq)
 
     def note_throttled(self, client: str) -> None:
