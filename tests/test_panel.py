@@ -23,7 +23,7 @@ from sam.callback.app import create_app
 from sam.callback.panel import PanelView, render_page
 from sam.callback.settings import ConfigError, Settings, load_settings
 from sam.callback.spool import SpoolStats
-from tests.utils import TOKEN, Keys, ServerProcess, auth_headers, insert_run, require_service, wait_for
+from tests.utils import TOKEN, Keys, ServerProcess, auth_headers, free_port, insert_run, require_service, wait_for
 
 CLIENT_ID = "cliente-apigw-del-panel-7f3a"
 WRONG_TOKEN = "token-equivocado-del-panel-91b2"
@@ -312,6 +312,23 @@ def test_forwarded_address_counts_only_from_a_trusted_proxy(make_settings: Calla
         assert client.get("/panel").status_code == 403
     with _client(settings, "192.168.1.9") as client:
         assert client.get("/panel", headers={"X-Forwarded-For": "10.1.2.3"}).status_code == 403
+
+
+def test_the_database_state_is_dated_when_the_writer_saw_it_change(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    """ "NO responde desde ..." is when the outage began, not when somebody opened the page."""
+    settings = make_settings(database_url=f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/sam")
+    with _client(settings, "127.0.0.1") as client:
+        answer = client.post(
+            "/api/callback", json={"deploymentId": "d-1", "status": "RUN_FAILED"}, headers=auth_headers()
+        )
+        assert answer.json()["code"] == "queued"
+        recorder = client.app.state.runtime.recorder  # type: ignore[attr-defined]
+        began = recorder.database_state.since
+        assert not recorder.database_state.available
+        expected = f"desde {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(began))}"
+        wait_for(lambda: expected in client.get("/panel").text, what="la hora en que empezó el corte en el panel")
 
 
 def test_a_local_proxy_does_not_open_the_page_to_unreadable_clients(make_settings: Callable[..., Settings]) -> None:

@@ -16,7 +16,7 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
-from .domain import AuthFailure, describe
+from .domain import AuthFailure, DatabaseState, describe
 
 log = logging.getLogger("sam.callback.panel")
 
@@ -83,6 +83,9 @@ class Activity:
         if up != self.database_up:
             self.database_up = up
             self.database_since = time.time() if now is None else now
+        elif now is not None and now < self.database_since:
+            # The page's own ping may have seen the change first; the writer knows when it began.
+            self.database_since = now
 
     def per_minute(self) -> dict[int, int]:
         """Callbacks per minute (minute = epoch seconds // 60) over the last hour."""
@@ -184,10 +187,10 @@ def _callback_event(item: list[Any]) -> CallbackEvent:
 class ActivityPublisher:
     """Background thread that publishes this process's events when there are new ones."""
 
-    def __init__(self, activity: Activity, *, database_available: Callable[[], bool | None]) -> None:
+    def __init__(self, activity: Activity, *, database_state: Callable[[], DatabaseState | None]) -> None:
         self.activity = activity
-        # The writer's view of the database: its changes give the page a "since when".
-        self.database_available = database_available
+        # The writer's view of the database, with the time it changed: the page's "since when".
+        self.database_state = database_state
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -214,15 +217,12 @@ class ActivityPublisher:
     def _run(self) -> None:
         published_seq = published_refused = -1.0
         published_at = 0.0
-        seen_database: bool | None = None
         failing = False
         while not self._stop.wait(PUBLISH_SECONDS):
             activity = self.activity
-            database = self.database_available()
-            if database is not None and database != seen_database:
-                if seen_database is not None:
-                    activity.note_database(database)
-                seen_database = database
+            database = self.database_state()
+            if database is not None:
+                activity.note_database(database.available, now=database.since)
             last_seq = activity.callbacks[-1][1] if activity.callbacks else -1
             last_refused = activity.refused_events[-1][0] if activity.refused_events else -1.0
             now = time.monotonic()

@@ -121,3 +121,11 @@ class AuthFailure(enum.Enum):
 def describe(reasons: tuple[AuthFailure, ...]) -> str:
     """The reasons as one Spanish log text."""
     return "; ".join(reason.text for reason in reasons) or "sin motivo"
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseState:
+    """Whether the writer reaches the database, and since when (epoch seconds)."""
+
+    available: bool
+    since: float

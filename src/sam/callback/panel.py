@@ -84,7 +84,7 @@ def start_publisher(activity: Activity, runtime: Runtime) -> ActivityPublisher:
     """Start publishing this process's events for the pages served by the other processes."""
     publisher = ActivityPublisher(
         activity,
-        database_available=lambda: runtime.recorder_.database_available if runtime.recorder_ else None,
+        database_state=lambda: runtime.recorder_.database_state if runtime.recorder_ else None,
     )
     publisher.start()
     return publisher

@@ -16,7 +16,7 @@ from itertools import groupby
 import anyio.to_thread
 from sqlalchemy.exc import SQLAlchemyError
 
-from .domain import Callback, Outcome, ResultCode, SpoolKind
+from .domain import Callback, DatabaseState, Outcome, ResultCode, SpoolKind
 from .repository import Failure, Repository, classify_error, describe_error
 from .spool import NewEntry, RefusedEntry, Reschedule, Spool, SpoolEntry, SpoolError
 
@@ -115,6 +115,7 @@ class Recorder:
         self._thread: threading.Thread | None = None
         self._db_retry_at = 0.0
         self._db_backoff = 0.0
+        self._db_state_since = time.time()
         self._next_drain = 0.0
         self.heartbeat_seconds = HEARTBEAT_SECONDS
         self._next_heartbeat = 0.0
@@ -128,6 +129,11 @@ class Recorder:
     def database_available(self) -> bool:
         """False while the writer believes the database is out of reach."""
         return self._db_backoff == 0.0
+
+    @property
+    def database_state(self) -> DatabaseState:
+        """`database_available`, with the time the writer first saw it so."""
+        return DatabaseState(self._db_backoff == 0.0, self._db_state_since)
 
     def start(self) -> None:
         """Start the writer thread."""
@@ -389,6 +395,8 @@ class Recorder:
 
     def _database_failed(self, exc: BaseException, *, where: str) -> None:
         self.last_db_error = describe_error(exc)
+        if not self._db_backoff:
+            self._db_state_since = time.time()
         self._db_backoff = min(_MAX_DB_BACKOFF, max(0.5, self._db_backoff * 2))
         self._db_retry_at = time.monotonic() + self._db_backoff
         self._next_drain = min(self._next_drain, time.time() + self._db_backoff)
@@ -403,6 +411,7 @@ class Recorder:
     def _database_answered(self) -> None:
         self._next_heartbeat = time.monotonic() + self.heartbeat_seconds
         if self._db_backoff:
+            self._db_state_since = time.time()
             log.info("La base de datos responde de nuevo; se vacía el spool")
             self.events.on_database_up()
             # Backoff may have pushed queued callbacks up to a minute away; the outage is over.
