@@ -172,7 +172,10 @@ def test_a_key_file_broken_by_an_edit_keeps_the_key_in_force(
     assert _post(server, "dep-key-1", {"Authorization": f"Bearer {keys.token()}"}) == 200
     _edit(key_file, "esto no es una clave\n")
     wait_for(lambda: "se mantienen las vigentes" in _log(tmp_path), timeout=15, what="el error de la clave rota")
-    assert "ERROR" in next(line for line in _log(tmp_path).splitlines() if "se mantienen las vigentes" in line)
+    line = next(line for line in _log(tmp_path).splitlines() if "se mantienen las vigentes" in line)
+    assert "ERROR" in line
+    # The key in force still checks JWTs: the line must not say they are refused.
+    assert "se rechazan" not in line
     assert _post(server, "dep-key-2", {"Authorization": f"Bearer {keys.token()}"}) == 200
     assert "Credenciales recargadas" not in _log(tmp_path)
 

@@ -188,6 +188,8 @@ class Authenticator:
         self.jwt: JwtVerifier | None = None
         # Problems that do not stop the service, for the start-up log, /ready and `check`.
         self.warnings: list[str] = []
+        # Why the configured key cannot be used, without what that means for this process.
+        self.key_problems: list[str] = []
         if settings.jwt_public_key:
             try:
                 self.jwt = JwtVerifier(settings)
@@ -196,6 +198,7 @@ class Authenticator:
                 # optional can still serve (JWTs are refused); mode required, or no token, cannot.
                 if self.mode == "required" or (self.mode == "optional" and not self.tokens):
                     raise
+                self.key_problems = list(exc.problems)
                 self.warnings = [f"{problem}; los JWT se rechazan hasta que se corrija" for problem in exc.problems]
 
     def check(self, static_token: str | None, authorization: str | None, client_id: str | None) -> AuthResult:

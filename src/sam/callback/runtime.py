@@ -153,8 +153,9 @@ class Runtime:
         authenticator = Authenticator(settings)
         if authenticator.warnings and not self.authenticator.warnings:
             # Mode optional starts with an unusable key as a warning; a working key broken by an
-            # edit is a broken edit (SPEC 11): the key in force stays.
-            raise ConfigError(authenticator.warnings)
+            # edit is a broken edit (SPEC 11): the key in force stays, and JWTs are still checked
+            # with it (the warning's "JWTs are refused" would not be true here).
+            raise ConfigError(authenticator.key_problems)
         resolver = ClientAddressResolver(
             allowed=settings.allowed_networks, trusted_proxies=settings.trusted_proxy_networks
         )
