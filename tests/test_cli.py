@@ -90,11 +90,17 @@ def test_a_log_folder_that_cannot_be_written_stops_serve_and_check_with_exit_2(t
 
 
 def test_check_refuses_an_unusable_database_url_as_serve_does(tmp_path: Path) -> None:
-    for command in ("serve", "check"):
-        result = cli(tmp_path, command, SAM_DATABASE_URL="nonsense://x")
-        output = result.stdout + result.stderr
-        assert result.returncode == 2, output
-        assert "no es una URL de base de datos válida" in output and "Configuración válida" not in output
+    (tmp_path / "un-fichero").write_text("no es una carpeta")
+    under_a_file = f"sqlite:///{(tmp_path / 'un-fichero' / 'sam.db').as_posix()}"
+    for url, problem in (
+        ("nonsense://x", "no es una URL de base de datos válida"),
+        (under_a_file, "no se puede crear la carpeta de la base SQLite"),
+    ):
+        for command in ("serve", "check"):
+            result = cli(tmp_path, command, SAM_DATABASE_URL=url)
+            output = result.stdout + result.stderr
+            assert result.returncode == 2, output
+            assert problem in output and "Configuración válida" not in output and "Traceback" not in output
 
 
 def test_check_fails_readably_when_the_database_is_down(tmp_path: Path) -> None:

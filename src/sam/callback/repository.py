@@ -349,14 +349,22 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def driver_problem(url: str) -> str | None:
-    """Why `url` cannot be used (unparseable, or its driver does not load), or None."""
+    """Why `url` cannot be used (unparseable, its driver does not load, no folder for SQLite), or None."""
     try:
-        make_url(url).get_dialect().import_dbapi()
+        parsed = make_url(url)
+        parsed.get_dialect().import_dbapi()
     except ImportError as exc:
         # Typically pyodbc without unixODBC or Microsoft's ODBC driver on the machine.
         return f"no se puede cargar el driver de base de datos ({exc}); instale el driver ODBC de SQL Server y unixODBC"
     except Exception:
         return "no es una URL de base de datos válida de SQLAlchemy (p. ej. postgresql+psycopg://usuario@servidor/base)"
+    database = parsed.database
+    if parsed.get_backend_name() == "sqlite" and database and database != ":memory:":
+        folder = Path(database).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            return f"no se puede crear la carpeta de la base SQLite '{folder}' ({exc.strerror or type(exc).__name__})"
     return None
 
 
