@@ -149,6 +149,18 @@ def test_send_carries_a_latin1_token_as_sams_launcher_does(
     assert server.stop() == 0
 
 
+def test_spool_commands_in_a_folder_without_a_spool_create_nothing_and_say_so(tmp_path: Path) -> None:
+    """Run from the wrong folder, `spool list` says there is no spool there instead of creating an empty one."""
+    for command in (["list"], ["list", "--rejected"], ["list", "--json"], ["retry"], ["purge", "--yes"]):
+        result = cli(tmp_path, "spool", *command)
+        assert result.returncode == 0, (command, result.stderr)
+        assert "no existe el spool" in result.stderr and "CALLBACK_SPOOL_PATH" in result.stderr
+    assert cli(tmp_path, "spool", "list", "--json").stdout.strip() == "[]"
+    shown = cli(tmp_path, "spool", "show", "1")
+    assert shown.returncode == 1 and "No hay ningún callback rechazado con el número 1" in shown.stderr
+    assert not (tmp_path / "data").exists()
+
+
 def test_spool_list_retry_purge(server_factory: Callable[..., ServerProcess], tmp_path: Path) -> None:
     server = server_factory(CALLBACK_MATCH_WINDOW_SECONDS="0").start()
     env = {"CALLBACK_SPOOL_PATH": server.env["CALLBACK_SPOOL_PATH"]}

@@ -214,7 +214,11 @@ def test_missing_column_on_sqlite_is_kept_until_fixed_and_retried(
 
         listing = _cli(tmp_path, "spool", "list", "--refused", CALLBACK_SPOOL_PATH=str(spool_path))
         assert listing.returncode == 0, listing.stderr
-        assert "1 rechazados" in listing.stdout and "RECHAZADO" in listing.stdout and "sin-005" in listing.stdout
+        assert (
+            "1 rechazados por la base de datos" in listing.stdout
+            and "RECHAZADO" in listing.stdout
+            and "sin-005" in listing.stdout
+        )
         assert "FechaInicioReal" in listing.stdout
 
         _alter(url, 'ALTER TABLE "Ejecuciones" ADD COLUMN "FechaInicioReal" datetime')

@@ -209,9 +209,28 @@ def _send(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK if 200 <= status_code < 300 else EXIT_FAILED
 
 
+def _no_spool_here(settings: Settings, args: argparse.Namespace) -> int:
+    """The spool file does not exist: nothing to list or change, and it is not created here."""
+    # Run from the wrong folder (or without the service's CALLBACK_SPOOL_PATH), a read-only
+    # command used to create an empty spool and show nothing as if nothing were pending.
+    print(
+        f"Aviso: no existe el spool {settings.spool_path}: no hay nada guardado ahí. Compruebe CALLBACK_SPOOL_PATH "
+        "y la carpeta desde la que ejecuta la orden (la del servicio)",
+        file=sys.stderr,
+    )
+    if args.spool_command == "show":
+        print(f"No hay ningún callback rechazado con el número {args.seq}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.spool_command == "list" and args.json:
+        print("[]")
+    return EXIT_OK
+
+
 def _spool(settings: Settings, args: argparse.Namespace) -> int:
     from .spool import Spool, SpoolError
 
+    if not settings.spool_path.exists():
+        return _no_spool_here(settings, args)
     if args.spool_command == "show" or getattr(args, "rejected", False):
         return _rejected(settings, args)
     spool = Spool(settings.spool_path)
@@ -224,7 +243,8 @@ def _spool(settings: Settings, args: argparse.Namespace) -> int:
                 return EXIT_OK
             print(
                 f"Spool {settings.spool_path}: {stats.queued} en cola, {stats.pending} esperando su ejecución, "
-                f"{stats.unmatched} no emparejados, {stats.refused} rechazados"
+                f"{stats.unmatched} no emparejados, {stats.refused} rechazados por la base de datos "
+                "(los rechazados por su contenido, 400/415: `spool list --rejected`)"
             )
             if stats.refused:
                 print(
