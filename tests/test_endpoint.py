@@ -193,6 +193,15 @@ def test_other_methods_get_405_with_allow(api: TestClient) -> None:
         assert answer.json()["code"] == "method_not_allowed"
 
 
+def test_the_built_in_routes_405_lists_head_too(api: TestClient) -> None:
+    """HEAD works wherever GET does (load balancers probe with it): Allow says so."""
+    for path in ("/health", "/ready", "/metrics", "/panel"):
+        answer = api.post(path)
+        assert answer.status_code == 405 and answer.json()["code"] == "method_not_allowed"
+        assert answer.headers["allow"] == "GET, HEAD", path
+        assert api.head(path).status_code != 405, path
+
+
 def test_unknown_path_is_404_envelope(api: TestClient) -> None:
     answer = api.get("/no/existe")
     assert answer.status_code == 404

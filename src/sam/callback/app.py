@@ -191,7 +191,13 @@ def _install_error_handlers(app: FastAPI) -> None:
         codes = {404: ResultCode.NOT_FOUND, 405: ResultCode.METHOD_NOT_ALLOWED}
         fallback = ResultCode.INVALID_PAYLOAD if exc.status_code < 500 else ResultCode.INTERNAL_ERROR
         code = codes.get(exc.status_code, fallback)
-        return _json(code, headers=dict(exc.headers or {}))
+        headers = dict(exc.headers or {})
+        allow = headers.get("Allow") or headers.get("allow")
+        if allow is not None and "GET" in allow.split(", ") and "HEAD" not in allow.split(", "):
+            # The dispatcher answers HEAD wherever GET works: the 405 says so too.
+            headers = {name: value for name, value in headers.items() if name.lower() != "allow"}
+            headers["Allow"] = f"{allow}, HEAD"
+        return _json(code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
