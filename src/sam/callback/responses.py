@@ -68,7 +68,11 @@ ANSWERS: dict[ResultCode, tuple[int, str, str]] = {
         "Demasiados intentos de autenticación fallidos; espere antes de reintentar",
     ),
     ResultCode.INTERNAL_ERROR: (500, "ERROR", "Error interno; consulte el log con el request_id"),
-    ResultCode.UNAVAILABLE: (503, "ERROR", "Base de datos y spool no disponibles; reintente más tarde"),
+    ResultCode.UNAVAILABLE: (
+        503,
+        "ERROR",
+        "No se pudo guardar el callback ni en la base de datos ni en el spool; reintente más tarde",
+    ),
     ResultCode.NOT_READY: (503, "ERROR", "El servicio no está listo: la base de datos no responde"),
 }
 
