@@ -8,7 +8,7 @@ from typing import Any
 from .auth import Authenticator
 from .logs import log_file_problem
 from .repository import Repository, describe_error, display_url, driver_problem, make_engine
-from .sam_env import conflicts, read_environment, repeated_in_file
+from .sam_env import name_warnings
 from .settings import ConfigError, Settings, env_file_path
 from .spool import Spool, SpoolError
 
@@ -106,17 +106,8 @@ def run_checks(settings: Settings) -> int:
         return 2
     _line(True, f"Configuración válida (modo de autenticación: {settings.auth_mode})")
     _line(True, f"Log utilizable: {settings.log_file}")
-    for field, used, ignored in conflicts(read_environment(env_file_path())):
-        if field == "api_gateway_client_id":
-            # A .env from before SAM's renaming: the launcher sends API_GATEWAY_CLIENT_ID.
-            _line(
-                None,
-                f"{used} y {ignored} tienen valores distintos: x-ibm-client-id se acepta con cualquiera de los dos",
-            )
-            continue
-        _line(None, f"{used} y {ignored} tienen valores distintos: se usa {used} (el nombre actual de SAM)")
-    for name in repeated_in_file(env_file_path()):
-        _line(None, f"{name} aparece varias veces en .env con valores distintos: se usa la última línea")
+    for warning in name_warnings(env_file_path()):
+        _line(None, warning)
     for warning in authenticator.warnings:
         _line(None, warning)
     if settings.auth_mode == "none":

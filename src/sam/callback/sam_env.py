@@ -187,6 +187,24 @@ def repeated_in_file(env_file: str | os.PathLike[str] | None = ".env") -> list[s
     return sorted(name for name, values in seen.items() if len(values) > 1)
 
 
+def name_warnings(env_file: str | os.PathLike[str] | None) -> list[str]:
+    """What `check` and the start-up log say of names written twice with different values."""
+    lines = []
+    for field, used, ignored in conflicts(read_environment(env_file)):
+        if field == "api_gateway_client_id":
+            # A .env from before SAM's renaming: the launcher sends API_GATEWAY_CLIENT_ID.
+            lines.append(
+                f"{used} y {ignored} tienen valores distintos: x-ibm-client-id se acepta con cualquiera de los dos"
+            )
+        else:
+            lines.append(f"{used} y {ignored} tienen valores distintos: se usa {used} (el nombre actual de SAM)")
+    lines += [
+        f"{name} aparece varias veces en .env con valores distintos: se usa la última línea"
+        for name in repeated_in_file(env_file)
+    ]
+    return lines
+
+
 class SamEnvironmentSource(PydanticBaseSettingsSource):
     """A settings source that applies SAM's precedence instead of pydantic-settings' aliases."""
 

@@ -25,7 +25,8 @@ from .protocols import protocol_factory
 from .repository import driver_problem
 from .responses import envelope, request_id_from
 from .runtime import close_logging, ensure_logging
-from .settings import ConfigError, Settings
+from .sam_env import name_warnings
+from .settings import ConfigError, Settings, env_file_path
 
 log = logging.getLogger("sam.callback")
 
@@ -108,6 +109,9 @@ def serve(settings: Settings) -> int:
     # several workers, before every worker crashes on it while the parent waits for ever).
     Authenticator(settings)
     handle = ensure_logging(settings)
+    # Under a service manager nobody runs `check`: the log says which of two names won.
+    for warning in name_warnings(env_file_path()):
+        log.warning("%s", warning)
     listeners: list[socket.socket] = []
     try:
         # With a socket from systemd, connections that arrive while we restart wait in its
