@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import re
 import shutil
@@ -570,3 +571,24 @@ def test_cards_read_normally_on_laptops_and_a_phone(tmp_path: Path, width: int, 
     assert [item for item in items if item["lines"] > len(item["text"].split())] == []
     spool = {item["text"] for item in items if item["card"] == "Spool"}
     assert {"1333332", "1234567", "98765", "4620462", "7654321"} <= spool
+
+
+def test_long_tables_say_they_show_the_newest_rows_and_no_control_character_reaches_the_page() -> None:
+    """152 callbacks: the page says it shows 100 of them; a NUL in the filter is shown as text, not sent raw."""
+    now = time.time()
+    view = _busy_view()
+    many: list[CallbackEvent] = [
+        (now - index, index, f"dep-{index}", "RUN_COMPLETED", "updated", "10.0.0.1", f"req-{index}")
+        for index in range(152)
+    ]
+    process = view.processes[0]
+    busy = ProcessActivity(
+        pid=process.pid, started_at=process.started_at, written_at=now, callbacks=many, refused=[], per_minute={}
+    )
+    page = render_page(dataclasses.replace(view, processes=[busy], deployment_filter="dep\x00<b>"), nonce="n")
+    assert "\x00" not in page
+    assert 'value="dep\\u0000&lt;b&gt;"' in page
+    assert "Ningún callback recibido (con este filtro)" in page
+    unfiltered = render_page(dataclasses.replace(view, processes=[busy]), nonce="n")
+    assert "Solo se muestran las 100 filas más recientes de 152 (el filtro busca en todos)." in unfiltered
+    assert "401, 403, 429" in unfiltered  # the plot says what it leaves out

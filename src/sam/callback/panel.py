@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 import socket
 import time
@@ -161,8 +162,13 @@ def _rejected_count(runtime: Runtime) -> int | None:
         return None
 
 
+# Characters HTML escaping leaves as they are but a page must not carry (NUL above all).
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
 def _e(value: Any) -> str:
-    return escape("-" if value is None else str(value), quote=True)
+    text = "-" if value is None else str(value)
+    return escape(_CONTROL.sub(lambda match: f"\\u{ord(match.group()):04x}", text), quote=True)
 
 
 def _clock(at: float) -> str:
@@ -220,6 +226,7 @@ def render_page(view: PanelView, *, nonce: str) -> str:
     ]
     warnings = "".join(f'<p class="warn">{_e(warning)}</p>' for warning in view.warnings)
     callback_table = _callback_table(callbacks[:ROWS_SHOWN], now=view.now, several=several)
+    callback_table += _shown(len(callbacks), filterable=True)
     parts = [
         "<!DOCTYPE html>",
         '<html lang="es"><head><meta charset="utf-8">',
@@ -236,10 +243,21 @@ def render_page(view: PanelView, *, nonce: str) -> str:
         "</section>",
         _card("Callbacks por minuto, última hora", _plot(view)),
         _card("Últimos callbacks recibidos", _filter_form(view.deployment_filter) + callback_table),
-        _card("Últimas peticiones rechazadas", _refused_table(refused[:ROWS_SHOWN], now=view.now, several=several)),
+        _card(
+            "Últimas peticiones rechazadas",
+            _refused_table(refused[:ROWS_SHOWN], now=view.now, several=several) + _shown(len(refused)),
+        ),
         "</main></body></html>",
     ]
     return "\n".join(parts)
+
+
+def _shown(total: int, *, filterable: bool = False) -> str:
+    """A note under a table that shows only the newest ROWS_SHOWN of `total` rows."""
+    if total <= ROWS_SHOWN:
+        return ""
+    hint = " (el filtro busca en todos)" if filterable else ""
+    return f'<p class="axis">Solo se muestran las {ROWS_SHOWN} filas más recientes de {_e(total)}{hint}.</p>'
 
 
 def _card(title: str, body: str) -> str:
@@ -309,6 +327,8 @@ def _plot(view: PanelView) -> str:
         f'<line x1="0" y1="{height - 0.5}" x2="{width}" y2="{height - 0.5}"></line>{"".join(bars)}</svg>'
         f'<p class="axis"><span>hace {MINUTES_KEPT} min</span><span>máximo {_e(max(totals))} por minuto</span>'
         "<span>ahora</span></p>"
+        '<p class="axis">Callbacks respondidos; sin las peticiones rechazadas por credenciales o dirección '
+        "(401, 403, 429), que sí cuenta «Callbacks desde el arranque».</p>"
     )
 
 
