@@ -318,3 +318,33 @@ def test_sam_env_file_values_as_read(tmp_path: Path, release: str) -> None:
         assert settings.api_gateway_client_id == "old-auth-client"  # APIGW_CLIENT_ID first, as SAM reads it
         # ...but that release's launcher sends API_GATEWAY_CLIENT_ID: both are accepted.
         assert settings.gateway_client_ids == ("old-auth-client", "old-gw-client")
+
+
+def test_check_names_sams_own_callback_env_file_which_is_not_read(tmp_path: Path) -> None:
+    """SAM lays src/sam/callback/.env over its .env for its callback service; this service says it does not."""
+    own = tmp_path / "src" / "sam" / "callback" / ".env"
+    own.parent.mkdir(parents=True)
+    own.write_text("CALLBACK_PUERTO=8010\n", encoding="utf-8")
+    result = run_cli(
+        tmp_path,
+        "check",
+        CALLBACK_TOKEN="t" * 40,
+        SAM_DATABASE_URL=f"sqlite:///{(tmp_path / 'sam.db').as_posix()}",
+        CALLBACK_SPOOL_PATH=str(tmp_path / "spool.db"),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"[AVISO] existe {own}" in result.stdout and "pase sus líneas al .env" in result.stdout
+
+
+def test_strict_with_sams_placeholder_key_says_how_to_get_sams_behaviour(tmp_path: Path) -> None:
+    """SAM's README recommends strict for its own service, where it means "check X-Authorization"."""
+    result = run_cli(
+        tmp_path,
+        "serve",
+        CALLBACK_TOKEN="t" * 40,
+        CALLBACK_AUTH_MODO="strict",
+        JWT_CLAVE_PUBLICA="placeholder_public_key",
+    )
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "JWT_CLAVE_PUBLICA" in line and "use CALLBACK_AUTH_MODO=optional" in line

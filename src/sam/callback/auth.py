@@ -196,6 +196,17 @@ class Authenticator:
             except ConfigError as exc:
                 # SAM's .env ships a placeholder key: with a static token to fall back on, mode
                 # optional can still serve (JWTs are refused); mode required, or no token, cannot.
+                if self.mode == "required" and self.tokens:
+                    # SAM's own service reads "strict" as "check X-Authorization"; here it is the older
+                    # name of required, which needs the JWT too: say how to get SAM's behaviour.
+                    raise ConfigError(
+                        [
+                            f"{problem} (CALLBACK_AUTH_MODO=required/strict exige también un JWT válido; "
+                            "para aceptar solo CALLBACK_TOKEN, como el servicio de callback de SAM, use "
+                            "CALLBACK_AUTH_MODO=optional)"
+                            for problem in exc.problems
+                        ]
+                    ) from None
                 if self.mode == "required" or (self.mode == "optional" and not self.tokens):
                     raise
                 self.key_problems = list(exc.problems)

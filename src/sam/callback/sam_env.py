@@ -202,6 +202,14 @@ def name_warnings(env_file: str | os.PathLike[str] | None) -> list[str]:
         f"{name} aparece varias veces en .env con valores distintos: se usa la última línea"
         for name in repeated_in_file(env_file)
     ]
+    if env_file is not None:
+        # SAM's ConfigLoader lays src/sam/<service>/.env over the project's .env for that service.
+        own = (Path(env_file).parent / "src" / "sam" / "callback" / ".env").absolute()
+        if own.is_file():
+            lines.append(
+                f"existe {own}: el servicio de callback de SAM lo lee por encima del .env, este servicio no; "
+                "pase sus líneas al .env"
+            )
     return lines
 
 
