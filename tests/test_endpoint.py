@@ -202,6 +202,14 @@ def test_the_built_in_routes_405_lists_head_too(api: TestClient) -> None:
         assert api.head(path).status_code != 405, path
 
 
+def test_the_callback_path_takes_one_trailing_slash_and_no_more(api: TestClient) -> None:
+    body = {"deploymentId": "dep-barra", "status": "RUN_COMPLETED"}
+    assert api.post("/api/callback/", json=body, headers=auth_headers()).json()["code"] == "pending_match"
+    for path in ("/api/callback//", "/api/callback///", "//api/callback"):
+        answer = api.post(path, json=body, headers=auth_headers())
+        assert answer.status_code == 404 and answer.json()["code"] == "not_found", path
+
+
 def test_unknown_path_is_404_envelope(api: TestClient) -> None:
     answer = api.get("/no/existe")
     assert answer.status_code == 404

@@ -61,6 +61,8 @@ class CallbackDispatcher:
         self.api = api
         self.endpoint = endpoint
         self.path = path.rstrip("/")
+        # One trailing slash is tolerated (an AA_CALLBACK_URL written with one); more is not the path.
+        self._paths = (self.path, self.path + "/")
         self.runtime = runtime
         # Starlette's application state, for whoever holds the app (tests read `state.runtime`).
         self.state = api.state
@@ -73,7 +75,7 @@ class CallbackDispatcher:
         headers = dict(scope["headers"])
         request_id = request_id_from(headers.get(b"x-request-id"))
         request_id_var.set(request_id)
-        if scope["path"].rstrip("/") == self.path:
+        if scope["path"] in self._paths:
             # The endpoint writes its answers' headers itself, X-Request-ID among them: a send
             # wrapper on the hot path would cost more than the header does. It reads the
             # headers from the dict built here, not from a second one.

@@ -180,6 +180,8 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         self.head_too_large = head_too_large
         self.bad_request = bad_request
         self.quiet_path = quiet_path.rstrip("/") if quiet_path else None
+        # The paths the app routes to its callback endpoint (one trailing slash tolerated).
+        self._quiet_paths = (self.quiet_path, self.quiet_path + "/") if self.quiet_path else ()
         self._deadline: asyncio.TimerHandle | None = None
         # Loop time since which a request head is awaited; None while a request is handled.
         # One timer per connection, re-armed only when it fires: arming and cancelling one on
@@ -248,7 +250,7 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         # uvicorn would build an access record for every callback only for the log configuration
         # to drop it; switched off per request, so every other path keeps its line.
         if self.cycle is not cycle:
-            if self.cycle.scope["path"].rstrip("/") == self.quiet_path:
+            if self.cycle.scope["path"] in self._quiet_paths:
                 self.cycle.access_log = False
                 self.transport.hold_next_head = True  # type: ignore[attr-defined]
             if self._stopping:
