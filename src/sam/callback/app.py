@@ -28,6 +28,7 @@ from .endpoint import CallbackEndpoint
 from .logs import request_id_var
 from .openapi import install_openapi
 from .panel import PANEL_OPENAPI, panel_response, start_publisher
+from .repository import describe_error
 from .responses import envelope, request_id_from
 from .runtime import Runtime, close_logging, ensure_logging
 from .settings import Settings, load_settings
@@ -254,8 +255,10 @@ async def _ready(runtime: Runtime) -> JSONResponse:
             READY_PING_TIMEOUT,
         )
     except Exception as exc:  # any failure to answer means "not ready"; the reason is logged
+        # The body, open to anyone who reaches /ready, names only the kind of error; the log says
+        # what the driver said (a missing ODBC driver, a refused connection), secret-free.
         database = {"reachable": False, "error": type(exc).__name__}
-        log.warning("/ready: la base de datos no responde (%s)", type(exc).__name__)
+        log.warning("/ready: la base de datos no responde (%s)", describe_error(exc))
     else:
         if not recorder.database_available:
             recorder.wake_database()
