@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,27 @@ def test_check_names_the_missing_migrations_on_real_tables(tmp_path: Path, pg_ur
     _alter(pg_url, 'ALTER TABLE "Ejecuciones" ADD COLUMN "FechaInicioReal" timestamp')
     result = _cli(tmp_path, "check", SAM_DATABASE_URL=pg_url)
     assert result.returncode == 0 and "[ERROR]" not in result.stdout, result.stdout
+
+
+def test_check_fails_when_the_account_may_read_but_not_update(tmp_path: Path, pg_url: str) -> None:
+    """SELECT alone passes every table check; check runs the service's UPDATE (rolled back) to be sure."""
+    role = f"samcb_ro_{uuid.uuid4().hex[:8]}"
+    _alter(pg_url, f'CREATE ROLE "{role}" LOGIN')
+    try:
+        _alter(pg_url, f'GRANT SELECT ON "Ejecuciones" TO "{role}"')
+        reader = pg_url.replace("postgresql+psycopg://postgres@", f"postgresql+psycopg://{role}@")
+        result = _cli(tmp_path, "check", SAM_DATABASE_URL=reader)
+        assert result.returncode == 1, result.stdout
+        [error] = [line for line in result.stdout.splitlines() if line.startswith("[ERROR]")]
+        assert "no puede actualizar Ejecuciones" in error and "UPDATE" in error
+        _alter(pg_url, f'GRANT UPDATE ON "Ejecuciones" TO "{role}"')
+        result = _cli(tmp_path, "check", SAM_DATABASE_URL=reader)
+        assert result.returncode == 0, result.stdout
+        assert "[OK]    La cuenta puede actualizar Ejecuciones" in result.stdout
+        assert fetch_run(pg_url, "sam-callback-prueba-check") is None
+    finally:
+        _alter(pg_url, f'REVOKE ALL ON "Ejecuciones" FROM "{role}"')
+        _alter(pg_url, f'DROP ROLE IF EXISTS "{role}"')
 
 
 # --- classification on real errors -------------------------------------------------------------

@@ -7,6 +7,7 @@ from typing import Any
 
 from .auth import Authenticator
 from .logs import log_file_problem
+from .payload import PROBE_PREFIX
 from .repository import Repository, describe_error, display_url, driver_problem, make_engine
 from .sam_env import name_warnings
 from .settings import ConfigError, Settings, env_file_path
@@ -143,6 +144,17 @@ def run_checks(settings: Settings) -> int:
                 _line(False, problem)
             if not problems:
                 _line(True, "Tabla Ejecuciones presente, con las columnas que escribe el servicio")
+                # SELECT alone lets every check above pass, and then every callback is refused.
+                denied = repository.update_problem(f"{PROBE_PREFIX}check")
+                if denied is None:
+                    _line(True, "La cuenta puede actualizar Ejecuciones (sentencia del servicio, sin cambios)")
+                else:
+                    failed = True
+                    _line(
+                        False,
+                        f"La cuenta no puede actualizar Ejecuciones ({denied}): conceda SELECT y UPDATE sobre "
+                        "dbo.Ejecuciones al usuario de SQL_SAM_USUARIO",
+                    )
         elif repository.engine.dialect.name == "sqlite":
             _line(None, "Tabla Ejecuciones ausente: el servicio la creará al arrancar (SQLite)")
         else:

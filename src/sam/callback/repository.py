@@ -534,6 +534,23 @@ class Repository:
             dialect=dialect,
         )
 
+    def update_problem(self, deployment_id: str) -> str | None:
+        """Why the service's UPDATE would be refused (no permission, a read-only file), or None.
+
+        Runs the very statement the writer runs, for `deployment_id` (an id no run has), and
+        rolls it back: nothing changes, whatever the database.
+        """
+        probe = Callback(deployment_id=deployment_id, status="SAM-CALLBACK-CHECK", raw="{}")
+        with self.engine.connect() as conn:
+            transaction = conn.begin()
+            try:
+                conn.exec_driver_sql(self._update.sql, self._update_params(probe, 0.0))
+            except DBAPIError as exc:
+                return describe_error(exc)
+            finally:
+                transaction.rollback()
+        return None
+
     def ping(self) -> None:
         """Raise unless the database answers a trivial query."""
         with self.engine.connect() as conn:
