@@ -210,6 +210,18 @@ def test_the_callback_path_takes_one_trailing_slash_and_no_more(api: TestClient)
         assert answer.status_code == 404 and answer.json()["code"] == "not_found", path
 
 
+def test_json_is_utf8_whatever_charset_the_content_type_declares(api: TestClient) -> None:
+    """RFC 8259: a charset on application/json has no effect; a Latin-1 body gets a 400 that says why."""
+    text = '{"deploymentId": "dep-ñandú", "status": "RUN_COMPLETED"}'
+    headers = auth_headers() | {"Content-Type": "application/json; charset=ISO-8859-1"}
+    answer = api.post("/api/callback", content=text.encode("utf-8"), headers=headers)
+    assert answer.status_code == 202 and answer.json()["deploymentId"] == "dep-ñandú"
+    refused = api.post("/api/callback", content=text.encode("latin-1"), headers=headers)
+    assert refused.status_code == 400
+    [detail] = refused.json()["details"]
+    assert "charset=iso-8859-1" in detail["problem"] and "RFC 8259" in detail["problem"]
+
+
 def test_unknown_path_is_404_envelope(api: TestClient) -> None:
     answer = api.get("/no/existe")
     assert answer.status_code == 404

@@ -126,6 +126,7 @@ class CallbackEndpoint:
         try:
             callback = parse_callback(body)
         except NotAJsonObject as exc:
+            exc = _with_charset_hint(exc, headers.get(b"content-type", b""))
             if content_type != b"text/plain":
                 return await self._invalid(send, request_id, client, headers, body, exc)
             # SPEC 2.1 takes text/plain only when it carries a JSON object: otherwise it is one
@@ -261,6 +262,17 @@ class CallbackEndpoint:
             if not message.get("more_body", False):
                 break
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _with_charset_hint(exc: NotAJsonObject, content_type: bytes) -> NotAJsonObject:
+    """A body that is not UTF-8 sent with another charset declared: say that JSON is UTF-8 only."""
+    charset = content_type.lower().partition(b"charset=")[2].split(b";", 1)[0].strip(b" \"'")
+    if not charset or charset in (b"utf-8", b"utf8") or "UTF-8" not in exc.details[0]["problem"]:
+        return exc
+    return NotAJsonObject(
+        f"el cuerpo no es UTF-8 válido: declara charset={_text(charset)}, pero un JSON va siempre en UTF-8 "
+        "(RFC 8259) y el servicio no lo convierte"
+    )
 
 
 def _text(value: bytes | None) -> str | None:
