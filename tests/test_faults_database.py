@@ -210,6 +210,11 @@ def test_database_that_never_answers_still_gets_callbacks_answered(
         assert row is not None
         assert (row["Estado"], row["CallbackInfo"]) == (FINAL, body)
     assert server.stop() == 0
+    log = server.console()
+    # The first waited the timeout; the second went straight to the spool instead of waiting too.
+    assert "no responde en 2 s; callback guardado en el spool deploymentId=hung-1" in log
+    assert "sigue sin responder; callback guardado en el spool sin esperar deploymentId=hung-2" in log
+    assert "La base de datos vuelve a responder al escritor" in log
 
 
 def test_an_outage_is_noticed_and_its_end_too_with_no_callback_arriving(pg_url: str, tmp_path: Path) -> None:

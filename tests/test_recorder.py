@@ -89,6 +89,43 @@ def test_a_stuck_writer_hands_each_callback_back_to_its_request(
         assert arrived <= kept[deployment_id] < arrived + 1.0
 
 
+def test_while_the_writer_is_stuck_new_callbacks_go_straight_to_the_spool(
+    parts: tuple[Repository, Spool, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once one request had to take its callback back, the next ones do not each wait the timeout."""
+    repository, spool, _url = parts
+    release = threading.Event()
+    seen: list[list[str]] = []
+
+    def frozen(callbacks: Sequence[Callback], waited: Sequence[float] | None = None) -> list[Outcome]:
+        seen.append([callback.deployment_id for callback in callbacks])
+        release.wait(30)
+        return [Outcome.UPDATED for _ in callbacks]
+
+    monkeypatch.setattr(repository, "apply_many", frozen)
+    recorder = Recorder(repository, spool, match_window=60, database_timeout=0.5)
+    recorder.start()
+
+    async def scenario() -> tuple[str, str, bool]:
+        first = await recorder.submit(_callback("a"), "req-a")
+        available = recorder.database_available
+        # Going through the writer, the next one would now wait an hour: its answer proves it did not.
+        recorder.database_timeout = 3600
+        second = await asyncio.wait_for(recorder.submit(_callback("b"), "req-b"), 30)
+        return first, second, available
+
+    try:
+        assert asyncio.run(scenario()) == ("queued", "queued", False)
+        assert seen == [["a"]]  # b never reached the stuck writer
+        assert [entry.deployment_id for entry in spool.entries()] == ["a", "b"]
+        release.set()
+        wait_for(lambda: recorder.database_available, what="el escritor responde de nuevo")
+        wait_for(lambda: spool.stats().backlog == 0, what="lo guardado mientras tanto, aplicado")
+    finally:
+        release.set()
+        recorder.stop()
+
+
 def test_unmatched_and_refused_callbacks_reach_the_alert_hooks(parts: tuple[Repository, Spool, str]) -> None:
     """A run whose row never appears, and a statement the table refuses for good, are both announced."""
     repository, spool, url = parts

@@ -124,16 +124,22 @@ class Recorder:
         self._waiting: deque[_Item] = deque()
         self._watchdog: asyncio.TimerHandle | None = None
         self._gather_target = 0
+        # True from the moment requests had to take their callbacks back from the writer until it
+        # answers a batch again: meanwhile new callbacks go straight to the spool, instead of
+        # each waiting `database_timeout` seconds behind a writer stuck in the database.
+        self._writer_stuck = False
+        # Requests keep their callbacks in the spool one at a time, in arrival order (event loop only).
+        self._spool_turn: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
 
     @property
     def database_available(self) -> bool:
-        """False while the writer believes the database is out of reach."""
-        return self._db_backoff == 0.0
+        """False while the writer believes the database is out of reach, or is stuck in it."""
+        return self._db_backoff == 0.0 and not self._writer_stuck
 
     @property
     def database_state(self) -> DatabaseState:
         """`database_available`, with the time the writer first saw it so."""
-        return DatabaseState(self._db_backoff == 0.0, self._db_state_since)
+        return DatabaseState(self.database_available, self._db_state_since)
 
     def start(self) -> None:
         """Start the writer thread."""
@@ -160,6 +166,8 @@ class Recorder:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[ResultCode | None] = loop.create_future()
         item = _Item(callback, request_id, future, loop.time() + self.database_timeout, time.time())
+        if self._writer_stuck:
+            return await self._spool_in_turn(item, waited=False)
         # One watchdog for all requests instead of a timeout per request: arming and cancelling
         # a timer for every callback cost more than the rest of this method.
         self._waiting.append(item)
@@ -171,20 +179,48 @@ class Recorder:
             return result
         # The writer is stuck in the database. Keep the callback in the spool from here; if the
         # writer still commits it later, the spooled copy is a no-op (the UPDATE is guarded).
-        return await anyio.to_thread.run_sync(self._spool_stuck, item)
+        return await self._spool_in_turn(item, waited=True)
+
+    async def _spool_in_turn(self, item: _Item, *, waited: bool) -> ResultCode:
+        # One at a time, in the order the requests got here (asyncio.Lock is first come, first
+        # served): two callbacks of one run must not be spooled in the wrong order by two threads.
+        loop = asyncio.get_running_loop()
+        if self._spool_turn is None or self._spool_turn[0] is not loop:
+            self._spool_turn = (loop, asyncio.Lock())
+        async with self._spool_turn[1]:
+            return await anyio.to_thread.run_sync(self._spool_stuck, item, waited)
 
     def _take_over_late(self) -> None:
         """Hand back to their requests the callbacks the writer has not answered in time."""
         self._watchdog = None
         waiting = self._waiting
         now = waiting[0].future.get_loop().time() if waiting else 0.0
+        late = False
         while waiting and (waiting[0].future.done() or waiting[0].deadline <= now):
-            item = waiting.popleft()
-            if not item.future.done():
-                item.taken_over = True
-                item.future.set_result(None)
+            late = self._take_over(waiting.popleft()) or late
+        if late:
+            # Everything queued behind a stuck writer waits for it: taken back now, in arrival
+            # order, so that none is spooled after a later callback of the same run.
+            while waiting:
+                self._take_over(waiting.popleft())
+            if not self._writer_stuck:
+                self._writer_stuck = True
+                self._db_state_since = time.time()
+                log.warning(
+                    "La base de datos no responde en %.0f s: los callbacks van al spool hasta que responda",
+                    self.database_timeout,
+                )
+                self.events.on_database_down(f"sin respuesta en {self.database_timeout:.0f} s")
         if waiting:
             self._watchdog = waiting[0].future.get_loop().call_at(waiting[0].deadline, self._take_over_late)
+
+    @staticmethod
+    def _take_over(item: _Item) -> bool:
+        if item.future.done():
+            return False
+        item.taken_over = True
+        item.future.set_result(None)
+        return True
 
     def _answered(self, batch: list[_Item]) -> None:
         _set_results(batch)
@@ -193,7 +229,7 @@ class Recorder:
         while waiting and waiting[0].future.done():
             waiting.popleft()
 
-    def _spool_stuck(self, item: _Item) -> ResultCode:
+    def _spool_stuck(self, item: _Item, waited: bool) -> ResultCode:
         try:
             # Kept with its arrival time, not this moment: the database's FechaFin is computed from
             # it (SPEC 4 step 1), and the wait for a stuck database is part of the outage.
@@ -201,10 +237,17 @@ class Recorder:
         except SpoolError as exc:
             log.error("No se pudo guardar en el spool un callback con la base de datos bloqueada: %s", exc)
             return ResultCode.UNAVAILABLE
-        log.warning(
-            "La base de datos no responde en %.0f s; callback guardado en el spool deploymentId=%s request_id=%s",
-            self.database_timeout, item.callback.deployment_id, item.request_id,
-        )  # fmt: skip
+        if waited:
+            log.warning(
+                "La base de datos no responde en %.0f s; callback guardado en el spool deploymentId=%s request_id=%s",
+                self.database_timeout, item.callback.deployment_id, item.request_id,
+            )  # fmt: skip
+        else:
+            log.warning(
+                "La base de datos sigue sin responder; callback guardado en el spool sin esperar deploymentId=%s "
+                "request_id=%s",
+                item.callback.deployment_id, item.request_id,
+            )  # fmt: skip
         return ResultCode.QUEUED
 
     def _run(self) -> None:
@@ -410,6 +453,13 @@ class Recorder:
 
     def _database_answered(self) -> None:
         self._next_heartbeat = time.monotonic() + self.heartbeat_seconds
+        if self._writer_stuck:
+            # The writer got an answer again (a batch, the spool, its heartbeat): callbacks go to it.
+            self._writer_stuck = False
+            self._db_state_since = time.time()
+            log.info("La base de datos vuelve a responder al escritor; los callbacks vuelven a ir a ella")
+            self.events.on_database_up()
+            self._next_drain = 0.0  # what the requests kept meanwhile goes to the database now
         if self._db_backoff:
             self._db_state_since = time.time()
             log.info("La base de datos responde de nuevo; se vacía el spool")
