@@ -278,3 +278,27 @@ def test_send_never_prints_the_token_when_the_server_cannot_be_reached(tmp_path:
     result = cli(tmp_path, "send", "--url", "http://127.0.0.1:9/api/callback", "--jwt", "eyJhbGciOi.eyJzdWIi.firma")
     assert result.returncode == 1 and "No se pudo enviar el callback" in result.stderr
     assert TOKEN not in result.stdout + result.stderr and "eyJhbGciOi" not in result.stdout + result.stderr
+
+
+def test_help_and_usage_errors_are_in_spanish(tmp_path: Path) -> None:
+    """argparse's own words too: if a Python release rewords them, this test says which went back to English."""
+    helped = cli(tmp_path, "spool", "list", "--help")
+    assert helped.returncode == 0
+    assert helped.stdout.startswith("uso: sam-callback spool list")
+    assert "\nopciones:\n" in helped.stdout and "muestra esta ayuda y sale" in helped.stdout
+    assert "argumentos:" in cli(tmp_path, "--help").stdout
+    for args, expected in (
+        (["spool", "show"], "faltan argumentos obligatorios: seq"),
+        (["spool", "show", "x"], "argumento seq: número no válido: 'x'"),
+        (["desconocida"], "argumento COMANDO: valor no válido: 'desconocida' (se espera uno de: 'serve'"),
+        (["check", "sobra"], "argumentos no reconocidos: sobra"),
+        (
+            ["send", "--url", "u", "--jwt", "a", "--jwt-file", "b"],
+            "argumento --jwt-file: no se puede usar junto con --jwt",
+        ),
+    ):
+        result = cli(tmp_path, *args)
+        assert result.returncode == 2, args
+        assert result.stderr.startswith("uso: sam-callback"), result.stderr
+        assert expected in result.stderr, result.stderr
+        assert "usage" not in result.stderr and "error: the" not in result.stderr

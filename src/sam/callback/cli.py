@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from . import __version__
 from .payload import PROBE_PREFIX
@@ -27,8 +27,53 @@ EXIT_CONFIG = 2
 _NEED_SERVING_CONFIGURATION = frozenset({"serve", "check"})
 
 
+# argparse's own words, in Spanish: operators read the help and the errors in Spanish. Matched
+# as argparse writes them today; a wording argparse changes stays English (tests/test_cli.py says so).
+_HELP_WORDS = (
+    (re.compile(r"^usage: ", re.MULTILINE), "uso: "),
+    (re.compile(r"^positional arguments:$", re.MULTILINE), "argumentos:"),
+    (re.compile(r"^options:$", re.MULTILINE), "opciones:"),
+    (re.compile(r"show this help message and exit"), "muestra esta ayuda y sale"),
+    (re.compile(r"show program's version number and exit"), "muestra la versión y sale"),
+)
+_ERRORS = (
+    (re.compile(r"^the following arguments are required: (.*)$"), r"faltan argumentos obligatorios: \1"),
+    (
+        re.compile(r"^argument (.*?): invalid choice: (.*) \(choose from (.*)\)$"),
+        r"argumento \1: valor no válido: \2 (se espera uno de: \3)",
+    ),
+    (re.compile(r"^argument (.*?): invalid (?:int|float) value: (.*)$"), r"argumento \1: número no válido: \2"),
+    (re.compile(r"^argument (.*?): expected one argument$"), r"argumento \1: falta su valor"),
+    (re.compile(r"^argument (.*?): not allowed with argument (.*)$"), r"argumento \1: no se puede usar junto con \2"),
+    (re.compile(r"^unrecognized arguments: (.*)$"), r"argumentos no reconocidos: \1"),
+)
+
+
+def _spanish(text: str, words: tuple[tuple[re.Pattern[str], str], ...]) -> str:
+    for pattern, replacement in words:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage line, section titles, help option and errors in Spanish."""
+
+    def format_usage(self) -> str:
+        """The usage line, in Spanish."""
+        return _spanish(super().format_usage(), _HELP_WORDS)
+
+    def format_help(self) -> str:
+        """The help text, in Spanish."""
+        return _spanish(super().format_help(), _HELP_WORDS)
+
+    def error(self, message: str) -> NoReturn:
+        """The usage line and the error in Spanish; exit code 2, as argparse."""
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_CONFIG, f"{self.prog}: error: {_spanish(message, _ERRORS)}\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sam-callback", description="Receptor de callbacks de A360 para SAM")
+    parser = _Parser(prog="sam-callback", description="Receptor de callbacks de A360 para SAM")
     parser.add_argument("--version", action="version", version=f"sam-callback {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMANDO")
     commands.add_parser("serve", help="arranca el servidor (por defecto)")

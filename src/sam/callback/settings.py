@@ -426,7 +426,9 @@ def _translate(error: Any) -> str:
     if kind in ("bool_parsing", "bool_type"):
         return "debe ser true o false"
     if kind == "literal_error":
-        return f"valor no válido; se espera uno de: {ctx.get('expected', '')}"
+        # pydantic writes the list in English ("'a', 'b' or 'c'").
+        expected = str(ctx.get("expected", "")).replace(" or ", ", ")
+        return f"valor no válido; se espera uno de: {expected}"
     if kind in ("greater_than_equal", "less_than_equal"):
         bound = ctx.get("ge", ctx.get("le"))
         return f"fuera de rango (límite {bound})"
