@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -15,7 +16,7 @@ from sam.callback.domain import Callback, Outcome
 from sam.callback.recorder import Recorder, RecorderEvents
 from sam.callback.repository import Repository, make_engine
 from sam.callback.spool import Spool
-from tests.utils import insert_run, wait_for
+from tests.utils import fetch_run, insert_run, wait_for
 
 
 @pytest.fixture
@@ -154,3 +155,95 @@ def test_unmatched_and_refused_callbacks_reach_the_alert_hooks(parts: tuple[Repo
         and "FechaInicioReal" in refused[0][1]
     )
     assert spool.stats().refused == 1
+
+
+async def _until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    """Poll `condition` from inside the event loop until it holds; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no se cumplió a tiempo: {what}")
+        await asyncio.sleep(0.01)
+
+
+def test_leaving_stuck_mode_keeps_one_runs_callbacks_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A callback still on its way to the spool when the writer recovers is not overtaken by a later one."""
+    url = f"sqlite:///{(tmp_path / 'orden.db').as_posix()}"
+    repository = Repository(make_engine(url), ["RUN_COMPLETED", "RUN_ABORTED"])
+    repository.create_schema()
+    insert_run(url, "x")
+    insert_run(url, "z")
+    spool = Spool(tmp_path / "spool.db")
+    spool.open()
+    release, gate, entered = threading.Event(), threading.Event(), threading.Event()
+    apply_many, add = repository.apply_many, spool.add
+    first_call = [True]
+
+    def stuck_once(callbacks: Sequence[Callback], waited: Sequence[float] | None = None) -> list[Outcome]:
+        if first_call[0]:
+            first_call[0] = False
+            release.wait(30)
+        return apply_many(callbacks, waited)
+
+    def slow_for_e(items: Any, **kwargs: Any) -> None:
+        items = list(items)
+        if any(item.request_id == "req-E" for item in items):
+            entered.set()
+            gate.wait(30)  # a slow fsync: the earlier callback is not in the spool yet
+        add(items, **kwargs)
+
+    monkeypatch.setattr(repository, "apply_many", stuck_once)
+    monkeypatch.setattr(spool, "add", slow_for_e)
+    recorder = Recorder(repository, spool, match_window=60, database_timeout=0.3)
+    recorder.start()
+
+    async def scenario() -> list[str]:
+        assert await recorder.submit(Callback("z", "RUN_COMPLETED", "{}"), "req-z") == "queued"
+        early = asyncio.ensure_future(recorder.submit(Callback("x", "RUN_COMPLETED", "{}"), "req-E"))
+        await _until(entered.is_set, "el primer callback de x, camino del spool")
+        release.set()
+        await _until(lambda: recorder.database_available, "el escritor responde de nuevo")
+        late = asyncio.ensure_future(recorder.submit(Callback("x", "RUN_ABORTED", "{}"), "req-L"))
+        await asyncio.sleep(0.05)  # let the later one pick its way before the earlier one lands
+        gate.set()
+        return [await early, await late]
+
+    try:
+        assert asyncio.run(scenario()) == ["queued", "queued"]
+        wait_for(lambda: spool.stats().backlog == 0, what="el spool aplicado")
+    finally:
+        release.set()
+        gate.set()
+        recorder.stop()
+    row = fetch_run(url, "x")
+    assert row is not None and row["Estado"] == "RUN_COMPLETED"  # the first final state of the run wins
+
+
+def test_stuck_mode_ends_when_the_database_answers_even_without_the_drain_lease(
+    parts: tuple[Repository, Spool, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another worker drains the spool: this one still finds out that the database answers again."""
+    repository, spool, _url = parts
+    release = threading.Event()
+    apply_many = repository.apply_many
+    first_call = [True]
+
+    def lost_once(callbacks: Sequence[Callback], waited: Sequence[float] | None = None) -> list[Outcome]:
+        if first_call[0]:
+            first_call[0] = False
+            release.wait(30)
+            raise sa.exc.TimeoutError("la conexión congelada acaba en error")
+        return apply_many(callbacks, waited)
+
+    monkeypatch.setattr(repository, "apply_many", lost_once)
+    monkeypatch.setattr(spool, "claim_lease", lambda: False)
+    recorder = Recorder(repository, spool, match_window=60, database_timeout=0.3)
+    recorder.start()
+    try:
+        assert asyncio.run(recorder.submit(_callback("z"), "req-z")) == "queued"
+        assert not recorder.database_available
+        release.set()
+        wait_for(lambda: recorder.database_available, what="el escritor prueba la base de datos y sale del atasco")
+    finally:
+        release.set()
+        recorder.stop()

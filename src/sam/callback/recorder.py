@@ -128,8 +128,13 @@ class Recorder:
         # answers a batch again: meanwhile new callbacks go straight to the spool, instead of
         # each waiting `database_timeout` seconds behind a writer stuck in the database.
         self._writer_stuck = False
+        self._next_recovery_probe = 0.0
         # Requests keep their callbacks in the spool one at a time, in arrival order (event loop only).
         self._spool_turn: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
+        # Requests spooling their callbacks right now (event loop only): while any is, a new
+        # callback goes the same way, or it could reach the database before an earlier one of
+        # its run that the spool does not hold yet.
+        self._spooling = 0
 
     @property
     def database_available(self) -> bool:
@@ -160,13 +165,14 @@ class Recorder:
         """Someone saw the database answer: let the writer use it again at once."""
         self._db_retry_at = 0.0
         self._next_drain = 0.0
+        self._next_recovery_probe = 0.0
 
     async def submit(self, callback: Callback, request_id: str) -> ResultCode:
         """Record one callback durably; return the envelope code once it is committed."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[ResultCode | None] = loop.create_future()
         item = _Item(callback, request_id, future, loop.time() + self.database_timeout, time.time())
-        if self._writer_stuck:
+        if self._writer_stuck or self._spooling:
             return await self._spool_in_turn(item, waited=False)
         # One watchdog for all requests instead of a timeout per request: arming and cancelling
         # a timer for every callback cost more than the rest of this method.
@@ -187,8 +193,12 @@ class Recorder:
         loop = asyncio.get_running_loop()
         if self._spool_turn is None or self._spool_turn[0] is not loop:
             self._spool_turn = (loop, asyncio.Lock())
-        async with self._spool_turn[1]:
-            return await anyio.to_thread.run_sync(self._spool_stuck, item, waited)
+        self._spooling += 1
+        try:
+            async with self._spool_turn[1]:
+                return await anyio.to_thread.run_sync(self._spool_stuck, item, waited)
+        finally:
+            self._spooling -= 1
 
     def _take_over_late(self) -> None:
         """Hand back to their requests the callbacks the writer has not answered in time."""
@@ -481,6 +491,14 @@ class Recorder:
         if backing_off > 0:
             self._next_drain = now + backing_off
             return
+        if (self._writer_stuck or self._db_backoff) and time.monotonic() >= self._next_recovery_probe:
+            # Asked directly: while stuck no callback reaches the writer, and with entries due
+            # that this process cannot drain (another holds the lease, a chain's head is not
+            # due) nothing else would ever try the database again.
+            self._next_recovery_probe = time.monotonic() + _IDLE_CHECK
+            self._probe_database()
+            if self._writer_stuck or self._db_backoff:
+                return
         try:
             due = self.spool.next_due()
         except SpoolError:
