@@ -22,6 +22,8 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from fastapi.testclient import TestClient
 
+from sam.callback.alert_policy import AlertPolicy
+from sam.callback.alert_texts import AlertKind, Unavailable
 from sam.callback.alerts import Alerts
 from sam.callback.app import create_app
 from sam.callback.domain import AuthFailure
@@ -626,6 +628,77 @@ def test_a_mail_that_could_not_be_sent_is_tried_again_soon_with_what_came_since(
     lost = next(body for subject, body in by_subject.items() if "Callback perdido" in subject)
     assert "dep-perdido" in lost and "se retuvieron" not in lost
     assert len(inbox.messages()) == 3
+
+
+def test_failed_sends_are_retried_ever_later_and_a_delivery_starts_afresh() -> None:
+    """A mail server that keeps refusing (a wrong password) is tried after 60 s, 120 s, 240 s..., not every minute."""
+    policy = AlertPolicy(auth_failures=1, database_seconds=300, repeat_seconds=3600, retry_seconds=60)
+    lost = Unavailable("dep-1", "RUN_FAILED", "req-1")
+    [first] = policy.occurrence(AlertKind.UNAVAILABLE, lost, now=0, wall=0)
+    policy.not_sent(first, now=10, wall=10)
+    assert policy.tick(now=69, wall=69) == []
+    [second] = policy.tick(now=70, wall=70)  # 60 s after the failure, with what the first said
+    assert second.occurrences == first.occurrences and second.held == 0
+    policy.not_sent(second, now=75, wall=75)
+    assert policy.tick(now=194, wall=194) == []
+    [third] = policy.tick(now=195, wall=195)  # 120 s after the second failure
+    policy.delivered(AlertKind.UNAVAILABLE, now=196, wall=196)
+    # Delivered: the repeat interval holds the next one, and a later failure starts at 60 s again.
+    assert policy.occurrence(AlertKind.UNAVAILABLE, lost, now=200, wall=200) == []
+    [fourth] = policy.tick(now=195 + 3600, wall=0)
+    policy.not_sent(fourth, now=3800, wall=0)
+    assert policy.tick(now=3859, wall=0) == [] and len(policy.tick(now=3860, wall=0)) == 1
+    assert third.occurrences == first.occurrences
+
+
+def test_a_failed_send_does_not_rewind_the_interval_a_newer_mail_started() -> None:
+    policy = AlertPolicy(auth_failures=1, database_seconds=300, repeat_seconds=100, retry_seconds=10)
+    [old] = policy.occurrence(AlertKind.UNAVAILABLE, Unavailable("a", "S", "r1"), now=0, wall=0)
+    [new] = policy.occurrence(AlertKind.UNAVAILABLE, Unavailable("b", "S", "r2"), now=150, wall=0)
+    policy.not_sent(old, now=160, wall=0)  # its failure is reported after the newer one went
+    assert policy.tick(now=200, wall=0) == []  # the newer mail's interval stands
+    assert new.at == 150
+
+
+class _RefusingInbox(Inbox):
+    """An SMTP server that refuses one recipient and takes the message for the others."""
+
+    async def handle_RCPT(  # noqa: N802 - aiosmtpd's hook name
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
+        """aiosmtpd's hook: refuse nadie@, accept the rest."""
+        if address.startswith("nadie@"):
+            return "550 No existe ese buzón"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+
+def test_a_mail_one_recipient_refused_is_not_sent_again_to_the_others(
+    make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A typo in one address of EMAIL_DESTINATARIOS: the others got the mail; they must not get it every minute."""
+    caplog.set_level(logging.INFO, logger="sam.callback.alerts")
+    inbox = _RefusingInbox()
+    inbox.controller.start()
+    settings = mail_settings(make_settings, inbox, email_recipients="operaciones@example.test; nadie@example.test")
+    clock = FakeClock()
+    alerts = Alerts(settings, clock=clock, retry_seconds=60)
+    alerts.start()
+    try:
+        alerts.unavailable("dep-perdido", "RUN_FAILED", "req-1")
+        (mail,) = inbox.wait(1)
+        wait_for(
+            lambda: any("rechazó algunos destinatarios" in r.getMessage() for r in caplog.records), what="el aviso"
+        )
+        clock.now += 60
+    finally:
+        alerts.stop()
+        inbox.controller.stop()
+    assert mail.recipients == ["operaciones@example.test"]
+    assert len(inbox.messages()) == 1
+    line = next(r for r in caplog.records if "rechazó algunos destinatarios" in r.getMessage())
+    assert line.levelno == logging.ERROR and "nadie@example.test" in line.getMessage()
+    assert not [r for r in caplog.records if "al detener el servicio" in r.getMessage()]
 
 
 def test_an_alert_held_at_stop_after_a_failed_send_does_not_claim_one_was_sent(

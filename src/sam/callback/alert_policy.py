@@ -28,6 +28,9 @@ class Alert:
     unlisted: int = 0
     # Occurrences held back by the repeat interval; for refused callbacks, those counted since the last mail.
     held: int = 0
+    # When the policy let it go (the policy's clock): a failed send rewinds the interval only if
+    # no newer mail of its kind went after it.
+    at: float = 0.0
 
 
 class _RefusalTally:
@@ -96,6 +99,9 @@ class AlertPolicy:
         self._last_refusals: _RefusalTally | None = None
         # Kinds whose last mail was not delivered: the next one is not "since the previous mail".
         self._unmailed: set[AlertKind] = set()
+        # Sends failed in a row, by kind: each retry waits twice as long, up to the repeat interval
+        # (a wrong password must not log in to the mail server every minute for ever).
+        self._failures: dict[AlertKind, int] = {}
         # Callbacks answered 503 since the database last answered: the spool could not keep them.
         self._lost_since_up = 0
         self._down_since: float | None = None
@@ -131,7 +137,7 @@ class AlertPolicy:
         window.clear()
         self._last_sent[kind] = now
         self._last_refusals = tally
-        return [Alert(kind, ((wall, tally.summary()),))]
+        return [Alert(kind, ((wall, tally.summary()),), at=now)]
 
     def _mail_refusals_since(self, now: float, wall: float) -> list[Alert]:
         tally, self._refusals_since_mail = self._refusals_since_mail, None
@@ -143,8 +149,8 @@ class AlertPolicy:
         if kind in self._unmailed:
             # The previous mail never arrived: this one is the first the operator reads.
             self._unmailed.discard(kind)
-            return [Alert(kind, ((wall, tally.summary()),))]
-        return [Alert(kind, ((wall, tally.summary(since_last_mail=True)),), held=tally.total)]
+            return [Alert(kind, ((wall, tally.summary()),), at=now)]
+        return [Alert(kind, ((wall, tally.summary(since_last_mail=True)),), held=tally.total, at=now)]
 
     def not_sent(self, alert: Alert, now: float, wall: float) -> list[Alert]:
         """`alert`'s mail could not be delivered: it is not its condition's mail for the interval.
@@ -153,7 +159,13 @@ class AlertPolicy:
         from now instead of a whole repeat interval later (SPEC 9 counts mails, not attempts).
         """
         kind = alert.kind
-        self._last_sent[kind] = now - self.repeat_seconds + self.retry_seconds
+        if self._last_sent.get(kind) != alert.at:
+            # A newer mail of this kind already went: it stands for the interval. What this one
+            # said was logged at ERROR with its text; the next mail counts nothing twice.
+            return []
+        failures = self._failures[kind] = self._failures.get(kind, 0) + 1
+        delay = min(self.retry_seconds * 2 ** (failures - 1), self.repeat_seconds)
+        self._last_sent[kind] = now - self.repeat_seconds + delay
         self._unmailed.add(kind)
         if kind is AlertKind.REFUSED_CALLBACKS:
             lost, self._last_refusals = self._last_refusals, None
@@ -200,6 +212,11 @@ class AlertPolicy:
         back = DatabaseBack(seconds, self.backlog(), lost)
         return self._emit(AlertKind.DATABASE_BACK, back, now, wall, force=mailed)
 
+    def delivered(self, kind: AlertKind, now: float, wall: float) -> list[Alert]:
+        """A mail of `kind` reached the mail server: the next failure starts the retries afresh."""
+        self._failures.pop(kind, None)
+        return []
+
     def tick(self, now: float, wall: float) -> list[Alert]:
         """Periodic work: the database timer, and held alerts whose repeat interval is over."""
         alerts = self._check_database(now, wall)
@@ -226,7 +243,7 @@ class AlertPolicy:
         # After an undelivered mail nothing was "held back since the previous one": it never came.
         count = 0 if kind in self._unmailed else held.count
         self._unmailed.discard(kind)
-        return [Alert(kind, tuple(held.items), unlisted=held.count - len(held.items), held=count)]
+        return [Alert(kind, tuple(held.items), unlisted=held.count - len(held.items), held=count, at=now)]
 
     def _check_database(self, now: float, wall: float) -> list[Alert]:
         if self._down_since is None or self._down_mailed is not None:
@@ -264,4 +281,4 @@ class AlertPolicy:
         if kind in self._unmailed:
             self._unmailed.discard(kind)
             count = 0
-        return [Alert(kind, tuple(items), unlisted=unlisted, held=count)]
+        return [Alert(kind, tuple(items), unlisted=unlisted, held=count, at=now)]

@@ -26,7 +26,7 @@ from .alert_texts import (
 )
 from .domain import AuthFailure
 from .logs import RedactingFilter
-from .mail import CLEAR_WITHOUT_STARTTLS, SMTP_TIMEOUT_SECONDS, MailConfig, MailError, compose, send
+from .mail import CLEAR_WITHOUT_STARTTLS, SMTP_TIMEOUT_SECONDS, MailConfig, MailError, PartlyDelivered, compose, send
 from .settings import Settings
 from .spool import Spool, SpoolError
 
@@ -294,17 +294,28 @@ class Alerts:
         message = compose(self.mail, subject=text.subject, body=text.body, host_name=self.host)
         try:
             security = send(self.mail, message, timeout=self.timeout)
+        except PartlyDelivered as exc:
+            # The others have it: a retry would mail them again every minute for a typo in one address.
+            self._delivered[alert.kind] = True
+            self._put(partial(self.policy.delivered, alert.kind))
+            log.error(
+                "Alerta enviada por correo, pero %s (revise EMAIL_DESTINATARIOS). ALERTA %s",
+                self._redact(str(exc)), text.summary,
+            )  # fmt: skip
+            return
         except MailError as exc:
             self._delivered[alert.kind] = False
             # Queued before the line is logged: whoever reads the line knows the retry is planned.
             self._put(partial(self.policy.not_sent, alert))
             if self._finished(alert):
                 log.error(
-                    "No se pudo enviar la alerta por correo mediante %s: %s; se reintentará en %g s. ALERTA %s",
+                    "No se pudo enviar la alerta por correo mediante %s: %s; se reintentará (al cabo de %g s la"
+                    " primera vez, el doble cada vez que vuelva a fallar). ALERTA %s",
                     self.mail.describe(), self._redact(str(exc)), self.policy.retry_seconds, text.summary,
                 )  # fmt: skip
             return
         self._delivered[alert.kind] = True
+        self._put(partial(self.policy.delivered, alert.kind))
         transport = replace(self.mail, negotiated=security).describe()
         log.info(
             "Alerta enviada por correo a %d destinatarios mediante %s: %s",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import smtplib
 import socket
@@ -24,6 +25,10 @@ CLEAR_WITHOUT_STARTTLS = "sin cifrar: el servidor no ofrece STARTTLS"
 
 class MailError(Exception):
     """A mail that could not be sent; the message is Spanish and carries no secret."""
+
+
+class PartlyDelivered(MailError):
+    """The server took the message for some recipients and refused the others."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +122,7 @@ def _deliver(config: MailConfig, message: EmailMessage, timeout: float) -> str:
     else:
         smtp = smtplib.SMTP(config.host, config.port, timeout=timeout)
         security = "sin cifrar"
-    with smtp:
+    try:
         smtp.ehlo()
         if config.use_tls and config.port != IMPLICIT_TLS_PORT:
             if smtp.has_extn("starttls"):
@@ -134,8 +139,13 @@ def _deliver(config: MailConfig, message: EmailMessage, timeout: float) -> str:
         if config.user:
             smtp.login(config.user, config.password or "")
         refused = smtp.send_message(message, from_addr=config.sender, to_addrs=list(config.recipients))
-        if refused:
-            raise MailError("el servidor rechazó algunos destinatarios: " + ", ".join(sorted(refused)))
+    finally:
+        # Once the message is sent, a QUIT the server answers badly is no failure to report.
+        with contextlib.suppress(smtplib.SMTPException, OSError):
+            smtp.quit()
+        smtp.close()
+    if refused:
+        raise PartlyDelivered("el servidor rechazó algunos destinatarios: " + ", ".join(sorted(refused)))
     return security
 
 
