@@ -339,6 +339,9 @@ def test_a_local_proxy_does_not_open_the_page_to_unreadable_clients(make_setting
         assert client.get("/panel", headers={"X-Forwarded-For": "127.0.0.1:51000"}).status_code == 200
         for chain in ("8.8.8.8", "8.8.8.8:5678", "[2001:db8::1]:1234", "unknown", "", "8.8.8.8, garbage"):
             assert client.get("/panel", headers={"X-Forwarded-For": chain}).status_code == 403, chain
+        # HAProxy's `option forwardfor` adds its own line after the client's forged one.
+        forged = [("X-Forwarded-For", "127.0.0.1"), ("X-Forwarded-For", "8.8.8.8")]
+        assert client.get("/panel", headers=forged).status_code == 403
 
 
 def test_filter_by_deployment_id_and_plot(make_settings: Callable[..., Settings]) -> None:

@@ -94,6 +94,18 @@ def test_forwarded_hops_with_a_port_name_the_client(service: Callable[..., Any])
         assert post(gateway, {"X-Forwarded-For": "203.0.113.9:51234"}).status_code == 403
 
 
+def test_a_forwarded_for_header_repeated_on_two_lines_counts_whole(service: Callable[..., Any]) -> None:
+    """A proxy that adds its own X-Forwarded-For line: the client's forged first line does not win."""
+    with service(allowed_ips="10.0.0.0/8", trusted_proxies=PROXY) as peer:
+        gateway = peer(PROXY)
+        forged = [("X-Forwarded-For", "10.1.2.3"), ("X-Forwarded-For", "203.0.113.9")]
+        answer = gateway.post("/api/callback", content=BODY, headers=[*auth_headers().items(), *forged])
+        assert answer.status_code == 403
+        honest = [("X-Forwarded-For", "203.0.113.9"), ("X-Forwarded-For", "10.1.2.3")]
+        answer = gateway.post("/api/callback", content=BODY, headers=[*auth_headers().items(), *honest])
+        assert answer.status_code == 202
+
+
 def test_an_unreadable_forwarding_chain_is_nobody_the_allowlist_knows(service: Callable[..., Any]) -> None:
     """Behind a trusted proxy that the allowlist holds, a garbled or empty chain is refused, not the proxy's."""
     with service(allowed_ips=f"10.0.0.0/8, {PROXY}", trusted_proxies=PROXY) as peer:

@@ -53,7 +53,8 @@ class CallbackEndpoint:
         status: str | None = None
         code = ResultCode.INTERNAL_ERROR
         try:
-            client = self.runtime.resolver.client_address(peer, _text(headers.get(b"x-forwarded-for")))
+            forwarded = _all_values(scope, b"x-forwarded-for") if b"x-forwarded-for" in headers else None
+            client = self.runtime.resolver.client_address(peer, forwarded)
             code, deployment_id, status = await self._handle(scope, receive, send, headers, request_id, client)
         except Exception:
             log.exception("Error interno atendiendo un callback de %s", client)
@@ -273,6 +274,12 @@ def _with_charset_hint(exc: NotAJsonObject, content_type: bytes) -> NotAJsonObje
         f"el cuerpo no es UTF-8 válido: declara charset={_text(charset)}, pero un JSON va siempre en UTF-8 "
         "(RFC 8259) y el servicio no lo convierte"
     )
+
+
+def _all_values(scope: Scope, name: bytes) -> str:
+    # Every line of a repeated header, joined as RFC 9110 says: a proxy that adds its own line
+    # (HAProxy's `option forwardfor`) must not let the client's own line be the one read.
+    return ", ".join(value.decode("latin-1") for key, value in scope["headers"] if key == name)
 
 
 def _text(value: bytes | None) -> str | None:

@@ -94,7 +94,9 @@ def start_publisher(activity: Activity, runtime: Runtime) -> ActivityPublisher:
 async def panel_response(request: Request, runtime: Runtime, activity: Activity) -> Response:
     """The page for allowed addresses; the 403 envelope for everybody else."""
     peer = request.client.host if request.client else "-"
-    client = runtime.resolver.client_address(peer, request.headers.get("x-forwarded-for"))
+    # Every X-Forwarded-For line, joined: the first alone may be the client's own forgery.
+    forwarded = request.headers.getlist("x-forwarded-for")
+    client = runtime.resolver.client_address(peer, ", ".join(forwarded) if forwarded else None)
     if not in_networks(client, runtime.settings.admin_allowed_networks):
         log.warning("Panel: la dirección %s no está en CALLBACK_ADMIN_ALLOWED_IPS", client)
         status, body = envelope(
