@@ -253,6 +253,15 @@ def test_unlock_with_the_client_id_the_launcher_before_the_renaming_sends(
             server.callback_url, json={"deploymentId": deployment_id, "status": "RUN_ABORTED"}, headers=headers
         )
         assert answer.status_code == expected, (client_id, answer.text)
+    # A client_id claim names the same client as the header, not just any configured one.
+    insert_run(database, "dep-unlock-mixto")
+    mixed = keys.token(aud="fixture-audience", iss="fixture-issuer", client_id="old-auth-client")
+    answer = httpx.post(
+        server.callback_url,
+        json={"deploymentId": "dep-unlock-mixto", "status": "RUN_ABORTED"},
+        headers={"Authorization": f"Bearer {mixed}", "x-ibm-client-id": "old-gw-client"},
+    )
+    assert answer.status_code == 401
 
 
 @pytest.mark.parametrize("release", sorted(FIXTURES))

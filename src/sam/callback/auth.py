@@ -114,17 +114,20 @@ class JwtVerifier:
     def _check_client_id(self, claims: dict[str, Any], header: str | None) -> AuthFailure | None:
         if not self.client_ids:
             return None
-        if header is None or not self._known_client(header):
+        matched = None if header is None else self._known_client(header)
+        if matched is None:
             return AuthFailure.CLIENT_ID_HEADER
         claim = claims.get("client_id")
-        if claim is not None and not self._known_client(str(claim)):
+        # The claim, when there is one, names the same client as the header.
+        if claim is not None and not hmac.compare_digest(str(claim).encode(), matched):
             return AuthFailure.CLIENT_ID_CLAIM
         return None
 
-    def _known_client(self, value: str) -> bool:
+    def _known_client(self, value: str) -> bytes | None:
         # Every configured id is compared (no early exit): the time does not say which one matched.
         candidate = value.encode()
-        return sum(hmac.compare_digest(candidate, known) for known in self.client_ids) > 0
+        matches = [known for known in self.client_ids if hmac.compare_digest(candidate, known)]
+        return matches[0] if matches else None
 
 
 _TIME_CLAIMS = ("exp", "nbf", "iat")
