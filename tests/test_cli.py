@@ -83,10 +83,19 @@ def test_a_log_folder_that_cannot_be_written_stops_serve_and_check_with_exit_2(t
         assert result.returncode == 2, output
         assert "no se puede escribir el log" in output and "Traceback" not in output
         assert "Configuración válida" not in output
-    # A file name with folders in it is fine: they are created, as the log folder is.
+    # A file name with folders in it is fine: serve creates them, as it creates the log folder.
     result = cli(tmp_path, "check", LOG_ARCHIVO_CALLBACK="sub/dir/callback.log")
     assert result.returncode == 0, result.stdout
-    assert "[OK]    Log utilizable" in result.stdout and (tmp_path / "logs" / "sub" / "dir").is_dir()
+    assert "[OK]    Log utilizable" in result.stdout
+
+
+def test_check_creates_nothing(tmp_path: Path) -> None:
+    """Run by an administrator before the first start, check must not leave folders the service cannot write."""
+    result = cli(tmp_path, "check")
+    assert result.returncode == 0, result.stdout
+    assert "aún no existe: el servicio la creará" in result.stdout
+    assert "Spool: aún no existe; el servicio lo creará" in result.stdout
+    assert sorted(path.name for path in tmp_path.iterdir()) == []
 
 
 def test_check_refuses_an_unusable_database_url_as_serve_does(tmp_path: Path) -> None:
@@ -94,7 +103,7 @@ def test_check_refuses_an_unusable_database_url_as_serve_does(tmp_path: Path) ->
     under_a_file = f"sqlite:///{(tmp_path / 'un-fichero' / 'sam.db').as_posix()}"
     for url, problem in (
         ("nonsense://x", "no es una URL de base de datos válida"),
-        (under_a_file, "no se puede crear la carpeta de la base SQLite"),
+        (under_a_file, "no se puede crear la"),  # serve: "la carpeta de la base SQLite"; check: "la base SQLite"
     ):
         for command in ("serve", "check"):
             result = cli(tmp_path, command, SAM_DATABASE_URL=url)

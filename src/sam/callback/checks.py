@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
+from sqlalchemy.engine import make_url
+
 from .auth import Authenticator
+from .files import unwritable_reason
 from .logs import log_file_problem
 from .payload import PROBE_PREFIX
 from .repository import Repository, describe_error, display_url, driver_problem, make_engine
@@ -97,9 +101,10 @@ def run_checks(settings: Settings) -> int:
         return 2
     url = settings.resolved_database_url()
     # What `serve` refuses with exit code 2 is a configuration problem here too.
-    unusable = driver_problem(url)
+    # Nothing is created here: `check` may run as another user than the service.
+    unusable = driver_problem(url, create=False)
     config_problems = [f"Base de datos: {unusable}"] if unusable is not None else []
-    log_problem = log_file_problem(settings)
+    log_problem = log_file_problem(settings, create=False)
     config_problems += [log_problem] if log_problem is not None else []
     if config_problems:
         for problem in config_problems:
@@ -130,6 +135,18 @@ def run_checks(settings: Settings) -> int:
                 "herramientas quizá en UTF-8 (que no coincidiría); use solo letras, cifras y signos ASCII",
             )
     _mail_lines(settings)
+    database_failed = _database_lines(settings, url)
+    return 1 if _spool_lines(settings) or database_failed or failed else 0
+
+
+def _database_lines(settings: Settings, url: str) -> bool:
+    """The database's lines; True when one failed."""
+    failed = False
+    sqlite_file = _sqlite_file(url)
+    if sqlite_file is not None and not sqlite_file.exists():
+        # Not created here: `check` may run as another user than the service.
+        _line(None, f"La base SQLite {sqlite_file} aún no existe: el servicio la creará, con su tabla, al arrancar")
+        return False
     repository = Repository(make_engine(url, connect_timeout=settings.sql_connect_timeout), settings.final_state_set)
     shown = display_url(repository.engine.url)
     try:
@@ -165,6 +182,27 @@ def run_checks(settings: Settings) -> int:
         _line(False, f"Base de datos no accesible ({shown}): {describe_error(exc)}")
     finally:
         repository.dispose()
+    return failed
+
+
+def _sqlite_file(url: str) -> Path | None:
+    parsed = make_url(url)
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return None
+    return Path(database)
+
+
+def _spool_lines(settings: Settings) -> bool:
+    """The spool's line; True when it failed."""
+    failed = False
+    if not settings.spool_path.exists():
+        reason = unwritable_reason(settings.spool_path)
+        if reason is not None:
+            _line(False, f"No se puede crear el spool {settings.spool_path} ({reason}) (CALLBACK_SPOOL_PATH)")
+            return True
+        _line(True, f"Spool: aún no existe; el servicio lo creará en {settings.spool_path}")
+        return False
     spool = Spool(settings.spool_path)
     try:
         spool.open()
@@ -178,4 +216,4 @@ def run_checks(settings: Settings) -> int:
         _line(False, str(exc))
     finally:
         spool.close()
-    return 1 if failed else 0
+    return failed

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from .files import unwritable_reason
 from .settings import ConfigError, Settings
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
@@ -297,16 +298,25 @@ class LoggingHandle:
             handler.close()
 
 
-def log_file_problem(settings: Settings) -> str | None:
-    """Why the log file cannot be created or appended to (folders are created), or None."""
-    try:
-        settings.log_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(settings.log_file, "a", encoding="utf-8"):
-            pass
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        return f"LOG_DIRECTORIO/LOG_ARCHIVO_CALLBACK: no se puede escribir el log '{settings.log_file}' ({reason})"
-    return None
+def log_file_problem(settings: Settings, *, create: bool = True) -> str | None:
+    """Why the log file cannot be created or appended to, or None.
+
+    With `create` (serving) its folders and the file are created; without (`check`), nothing is.
+    """
+    reason: str | None
+    if create:
+        try:
+            settings.log_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(settings.log_file, "a", encoding="utf-8"):
+                pass
+            reason = None
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+    else:
+        reason = unwritable_reason(settings.log_file)
+    if reason is None:
+        return None
+    return f"LOG_DIRECTORIO/LOG_ARCHIVO_CALLBACK: no se puede escribir el log '{settings.log_file}' ({reason})"
 
 
 def setup_logging(settings: Settings, secrets: Iterable[str] = ()) -> LoggingHandle:

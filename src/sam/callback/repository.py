@@ -44,6 +44,7 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 from sqlalchemy.sql.expression import FunctionElement
 
 from .domain import Callback, Outcome
+from .files import unwritable_reason
 
 log = logging.getLogger("sam.callback.db")
 
@@ -348,8 +349,11 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def driver_problem(url: str) -> str | None:
-    """Why `url` cannot be used (unparseable, its driver does not load, no folder for SQLite), or None."""
+def driver_problem(url: str, *, create: bool = True) -> str | None:
+    """Why `url` cannot be used (unparseable, its driver does not load, no folder for SQLite), or None.
+
+    With `create` a SQLite file's folder is created; without (`check`), nothing is.
+    """
     try:
         parsed = make_url(url)
         parsed.get_dialect().import_dbapi()
@@ -361,6 +365,9 @@ def driver_problem(url: str) -> str | None:
     database = parsed.database
     if parsed.get_backend_name() == "sqlite" and database and database != ":memory:":
         folder = Path(database).parent
+        if not create:
+            reason = unwritable_reason(Path(database))
+            return None if reason is None else f"no se puede crear la base SQLite '{database}' ({reason})"
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
