@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import unquote_plus
@@ -286,17 +287,21 @@ def test_check_with_sam_env_file(tmp_path: Path, release: str) -> None:
     assert FIXTURES[release][1] not in output and all(secret not in output for secret in SECRETS)
 
 
-def test_check_warns_when_new_and_old_names_disagree(tmp_path: Path) -> None:
-    (tmp_path / ".env").write_text("CALLBACK_PUERTO=8010\nCALLBACK_SERVER_PORT=8011\nLOG_NIVEL=INFO\nLOG_LEVEL=info\n")
-    result = run_cli(
-        tmp_path,
+def _check(folder: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """`sam-callback check` in `folder`, with a token and SQLite files there, plus `env`."""
+    return run_cli(
+        folder,
         "check",
         CALLBACK_TOKEN="t" * 40,
-        SAM_DATABASE_URL=f"sqlite:///{(tmp_path / 'sam.db').as_posix()}",
-        CALLBACK_SPOOL_PATH=str(tmp_path / "spool.db"),
-        CALLBACK_AUTH_MODO="optional",
-        CALLBACK_AUTH_MODE="required",
+        SAM_DATABASE_URL=f"sqlite:///{(folder / 'sam.db').as_posix()}",
+        CALLBACK_SPOOL_PATH=str(folder / "spool.db"),
+        **env,
     )
+
+
+def test_check_warns_when_new_and_old_names_disagree(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("CALLBACK_PUERTO=8010\nCALLBACK_SERVER_PORT=8011\nLOG_NIVEL=INFO\nLOG_LEVEL=info\n")
+    result = _check(tmp_path, CALLBACK_AUTH_MODO="optional", CALLBACK_AUTH_MODE="required")
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert "[AVISO] CALLBACK_PUERTO y CALLBACK_SERVER_PORT tienen valores distintos: se usa CALLBACK_PUERTO" in output
@@ -334,13 +339,7 @@ def test_check_names_sams_own_callback_env_file_which_is_not_read(tmp_path: Path
     own = tmp_path / "src" / "sam" / "callback" / ".env"
     own.parent.mkdir(parents=True)
     own.write_text("CALLBACK_PUERTO=8010\n", encoding="utf-8")
-    result = run_cli(
-        tmp_path,
-        "check",
-        CALLBACK_TOKEN="t" * 40,
-        SAM_DATABASE_URL=f"sqlite:///{(tmp_path / 'sam.db').as_posix()}",
-        CALLBACK_SPOOL_PATH=str(tmp_path / "spool.db"),
-    )
+    result = _check(tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"[AVISO] existe {own}" in result.stdout and "pase sus líneas al .env" in result.stdout
 

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
-
-from sqlalchemy.engine import make_url
 
 from .auth import Authenticator
 from .files import unwritable_reason
 from .logs import log_file_problem
 from .payload import PROBE_PREFIX
-from .repository import Repository, describe_error, display_url, driver_problem, make_engine
+from .repository import Repository, describe_error, display_url, driver_problem, make_engine, sqlite_file
 from .sam_env import name_warnings
 from .settings import ConfigError, Settings, env_file_path
 from .spool import Spool, SpoolError
@@ -142,10 +139,10 @@ def run_checks(settings: Settings) -> int:
 def _database_lines(settings: Settings, url: str) -> bool:
     """The database's lines; True when one failed."""
     failed = False
-    sqlite_file = _sqlite_file(url)
-    if sqlite_file is not None and not sqlite_file.exists():
+    database = sqlite_file(url)
+    if database is not None and not database.exists():
         # Not created here: `check` may run as another user than the service.
-        _line(None, f"La base SQLite {sqlite_file} aún no existe: el servicio la creará, con su tabla, al arrancar")
+        _line(None, f"La base SQLite {database} aún no existe: el servicio la creará, con su tabla, al arrancar")
         return False
     repository = Repository(make_engine(url, connect_timeout=settings.sql_connect_timeout), settings.final_state_set)
     shown = display_url(repository.engine.url)
@@ -183,14 +180,6 @@ def _database_lines(settings: Settings, url: str) -> bool:
     finally:
         repository.dispose()
     return failed
-
-
-def _sqlite_file(url: str) -> Path | None:
-    parsed = make_url(url)
-    database = parsed.database
-    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
-        return None
-    return Path(database)
 
 
 def _spool_lines(settings: Settings) -> bool:

@@ -349,6 +349,15 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def sqlite_file(url: str | URL) -> Path | None:
+    """The file of a SQLite URL (None for other databases and for an in-memory one)."""
+    parsed = make_url(url)
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return None
+    return Path(database)
+
+
 def driver_problem(url: str, *, create: bool = True) -> str | None:
     """Why `url` cannot be used (unparseable, its driver does not load, no folder for SQLite), or None.
 
@@ -362,11 +371,11 @@ def driver_problem(url: str, *, create: bool = True) -> str | None:
         return f"no se puede cargar el driver de base de datos ({exc}); instale el driver ODBC de SQL Server y unixODBC"
     except Exception:
         return "no es una URL de base de datos válida de SQLAlchemy (p. ej. postgresql+psycopg://usuario@servidor/base)"
-    database = parsed.database
-    if parsed.get_backend_name() == "sqlite" and database and database != ":memory:":
-        folder = Path(database).parent
+    database = sqlite_file(parsed)
+    if database is not None:
+        folder = database.parent
         if not create:
-            reason = unwritable_reason(Path(database))
+            reason = unwritable_reason(database)
             return None if reason is None else f"no se puede crear la base SQLite '{database}' ({reason})"
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -382,9 +391,9 @@ def make_engine(url: str, *, pool_size: int = 5, connect_timeout: int = 15) -> E
     options: dict[str, Any] = {"pool_pre_ping": True, "future": True}
     connect_args: dict[str, Any] = {}
     if backend == "sqlite":
-        database = parsed.database
-        if database and database != ":memory:":
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        database = sqlite_file(parsed)
+        if database is not None:
+            database.parent.mkdir(parents=True, exist_ok=True)
         connect_args = {"timeout": 5, "check_same_thread": False, "isolation_level": None}
     elif backend == "postgresql":
         # A held row lock or a hung statement must fail within seconds so the callback goes
