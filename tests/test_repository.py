@@ -30,7 +30,7 @@ def test_guarded_update_in_tsql() -> None:
     """One statement for every status: it ends the run at its arrival, never before FechaInicio."""
     statements = compile_statements(FINALS, mssql_pyodbc.dialect(paramstyle="qmark"), "dbo")
     update = normalise(statements["update"].sql)
-    marks = ", ".join("?" * len(FINALS))
+    not_final = " AND ".join(["dbo.[Ejecuciones].[Estado] != ?"] * len(FINALS))
     arrival = "DATEADD(second, -CAST(? AS INT), GETDATE())"
     received = (
         f"CASE WHEN (dbo.[Ejecuciones].[FechaInicio] > {arrival}) THEN dbo.[Ejecuciones].[FechaInicio] "
@@ -39,8 +39,7 @@ def test_guarded_update_in_tsql() -> None:
     assert update == normalise(
         f"UPDATE dbo.[Ejecuciones] SET [FechaFin]={received}, [Estado]=?, [FechaActualizacion]=GETDATE(), "
         f"[CallbackInfo]=?, [FechaInicioReal]=coalesce(dbo.[Ejecuciones].[FechaInicioReal], {received}) "
-        f"WHERE dbo.[Ejecuciones].[DeploymentId] = ? AND (dbo.[Ejecuciones].[Estado] NOT IN ({marks})) "
-        "AND dbo.[Ejecuciones].[Estado] != ?"
+        f"WHERE dbo.[Ejecuciones].[DeploymentId] = ? AND {not_final} AND dbo.[Ejecuciones].[Estado] != ?"
     )
     params = statements["update"].params(deployment_id="d", new_status="RUNNING", raw="{}", waited=12.0)
     assert params == (12.0, 12.0, "RUNNING", "{}", 12.0, 12.0, "d", *FINALS, "RUNNING")

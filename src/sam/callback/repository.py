@@ -191,6 +191,10 @@ def guarded_update(final_states: Iterable[str]) -> Any:
     # One bind parameter per final state (not an expanding IN) so the statement compiles once
     # to plain SQL that the hot path executes on the driver cursor.
     finals = [bindparam(f"final_{i}", state, type_=Unicode(20)) for i, state in enumerate(sorted(final_states))]
+    # "Estado NOT IN (finals)" written as one "<>" per final state: the same rows (Estado is
+    # NOT NULL), but SQLite builds a temporary b-tree for an IN list on every execution, which
+    # cost more than the rest of the UPDATE. SQL Server and PostgreSQL plan both forms alike.
+    not_final = [t.c.Estado != final for final in finals]
     arrived = arrival(bindparam("waited", type_=Float()), bindparam("arrived_local", type_=Unicode(19)))
     # A callback cannot end a run before it started: a row whose FechaInicio is later than the
     # arrival (clocks apart, a launcher that wrote late) ends at its start.
@@ -199,7 +203,7 @@ def guarded_update(final_states: Iterable[str]) -> Any:
         update(t)
         .where(
             t.c.DeploymentId == bindparam("deployment_id", type_=Unicode(50)),
-            t.c.Estado.not_in(finals),
+            *not_final,
             t.c.Estado != bindparam("new_status", type_=Unicode(20)),
         )
         .values(
