@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import logging.handlers
+import queue
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,7 +18,15 @@ import pytest
 from fastapi.testclient import TestClient
 
 from sam.callback.app import create_app
-from sam.callback.logs import _MAYBE_SECRET, LoggingHandle, SharedTimedRotatingFileHandler, _maybe_secret, setup_logging
+from sam.callback.logs import (
+    _BURST_LINES,
+    _MAYBE_SECRET,
+    LoggingHandle,
+    SharedTimedRotatingFileHandler,
+    _BurstListener,
+    _maybe_secret,
+    setup_logging,
+)
 from sam.callback.settings import Settings
 from tests.utils import TOKEN, ServerProcess, auth_headers, insert_run, wait_for
 
@@ -138,6 +149,83 @@ def test_rotation_is_daily_with_the_configured_backup_count_and_keeps_writing(
     rotated = sorted(p.name for p in settings.log_directory.glob(f"{settings.log_filename}.*"))
     assert len(rotated) == 2
     assert "antes de medianoche" in (settings.log_directory / rotated[-1]).read_text()
+
+
+def test_rotation_at_midnight_happens_on_the_next_line_written(
+    logging_handle: Callable[..., tuple[Settings, LoggingHandle]],
+) -> None:
+    settings, handle = logging_handle()
+    file_handler = next(h for h in handle.handlers if isinstance(h, SharedTimedRotatingFileHandler))
+    log = logging.getLogger("sam.callback")
+    log.info("línea de ayer")
+    wait_for(lambda: "línea de ayer" in settings.log_file.read_text(), what="línea escrita")
+    file_handler.acquire()
+    try:
+        file_handler.rolloverAt = int(time.time())  # midnight has just passed
+    finally:
+        file_handler.release()
+    log.info("línea de hoy")
+    handle.close()
+    rotated = list(settings.log_directory.glob(f"{settings.log_filename}.*"))
+    assert len(rotated) == 1 and "línea de ayer" in rotated[0].read_text()
+    assert "línea de hoy" in settings.log_file.read_text() and "ayer" not in settings.log_file.read_text()
+
+
+class _BrokenConsole(io.StringIO):
+    """A console that went away (a closed pipe, a detached service window)."""
+
+    def write(self, text: str) -> int:
+        raise OSError(32, "Broken pipe")
+
+
+def test_a_burst_reaches_file_and_console_whole_and_in_order(
+    logging_handle: Callable[..., tuple[Settings, LoggingHandle]],
+) -> None:
+    settings, handle = logging_handle()
+    console = io.StringIO()
+    handle.handlers[1].setStream(console)  # type: ignore[attr-defined]
+    log = logging.getLogger("sam.callback")
+
+    def burst(name: str) -> None:
+        for n in range(500):
+            log.info("%s-%03d", name, n)
+
+    threads = [threading.Thread(target=burst, args=(name,)) for name in ("a", "b", "c")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    handle.close()  # whatever the listener had formatted but not written goes out now
+    for text in (settings.log_file.read_text(encoding="utf-8"), console.getvalue()):
+        lines = [line.rsplit(" - ", 1)[1] for line in text.splitlines() if re.search(r" - [abc]-\d{3}$", line)]
+        assert len(lines) == 1500
+        for name in ("a", "b", "c"):
+            assert [line for line in lines if line.startswith(name)] == [f"{name}-{n:03d}" for n in range(500)]
+
+
+def test_a_queue_that_never_empties_still_has_its_lines_written() -> None:
+    """A long burst is written every _BURST_LINES lines, not held in memory until it ends."""
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    console = io.StringIO()
+    listener = _BurstListener(records, logging.Formatter("%(message)s"), logging.StreamHandler(console))
+    for n in range(_BURST_LINES * 3):
+        records.put(logging.makeLogRecord({"msg": f"línea {n}"}))
+    for _ in range(_BURST_LINES + 1):  # the listener's own loop, with more always waiting
+        listener.handle(records.get())
+    assert console.getvalue().splitlines() == [f"línea {n}" for n in range(_BURST_LINES)]
+
+
+def test_a_broken_console_costs_the_file_no_line(
+    logging_handle: Callable[..., tuple[Settings, LoggingHandle]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings, handle = logging_handle()
+    handle.handlers[1].setStream(_BrokenConsole())  # type: ignore[attr-defined]
+    log = logging.getLogger("sam.callback")
+    for n in range(3):
+        log.info("línea %d", n)
+        wait_for(lambda n=n: f"línea {n}" in settings.log_file.read_text(encoding="utf-8"), what=f"línea {n}")
+    handle.close()
+    assert "Broken pipe" in capsys.readouterr().err  # reported as logging reports a failed write
 
 
 def test_rotation_shared_by_two_processes_loses_nothing(make_settings: Callable[..., Settings]) -> None:
