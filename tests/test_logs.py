@@ -25,6 +25,7 @@ from sam.callback.logs import (
     SharedTimedRotatingFileHandler,
     _BurstListener,
     _maybe_secret,
+    log_fields,
     setup_logging,
 )
 from sam.callback.settings import Settings
@@ -195,7 +196,7 @@ def test_a_burst_reaches_file_and_console_whole_and_in_order(
         thread.start()
     for thread in threads:
         thread.join()
-    handle.close()  # whatever the listener had formatted but not written goes out now
+    handle.close()
     for text in (settings.log_file.read_text(encoding="utf-8"), console.getvalue()):
         lines = [line.rsplit(" - ", 1)[1] for line in text.splitlines() if re.search(r" - [abc]-\d{3}$", line)]
         assert len(lines) == 1500
@@ -213,6 +214,47 @@ def test_a_queue_that_never_empties_still_has_its_lines_written() -> None:
     for _ in range(_BURST_LINES + 1):  # the listener's own loop, with more always waiting
         listener.handle(records.get())
     assert console.getvalue().splitlines() == [f"línea {n}" for n in range(_BURST_LINES)]
+
+
+def test_lines_still_queued_at_stop_are_written() -> None:
+    """The stop sentinel behind the last lines: they were formatted but not yet written."""
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    console = io.StringIO()
+    listener = _BurstListener(records, logging.Formatter("%(message)s"), logging.StreamHandler(console))
+    for n in range(10):
+        records.put(logging.makeLogRecord({"msg": f"línea {n}"}))
+    listener.enqueue_sentinel()  # the queue is never empty while the ten lines are handled
+    listener.start()
+    listener.stop()
+    assert console.getvalue().splitlines() == [f"línea {n}" for n in range(10)]
+
+
+def test_a_line_that_cannot_be_formatted_costs_only_itself(
+    logging_handle: Callable[..., tuple[Settings, LoggingHandle]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings, handle = logging_handle(log_format="json")
+    log = logging.getLogger("sam.callback")
+    log_fields(log, logging.INFO, "antes", fields={})
+    log_fields(log, logging.INFO, "rota", fields={"valor": object()})  # not JSON: its line fails
+    log_fields(log, logging.INFO, "después", fields={})
+    handle.close()
+    messages = [json.loads(line)["message"] for line in _lines(settings.log_file)]
+    assert "antes" in messages and "después" in messages and "rota" not in messages
+    assert "--- Logging error ---" in capsys.readouterr().err
+
+
+def test_a_line_utf8_cannot_hold_is_escaped_not_lost_with_its_burst(
+    logging_handle: Callable[..., tuple[Settings, LoggingHandle]],
+) -> None:
+    settings, handle = logging_handle()
+    log = logging.getLogger("sam.callback")
+    for n in range(5):
+        # A lone surrogate, as os.fsdecode gives for a path that is not UTF-8.
+        log.info("ruta %s", f"/datos/\udcff{n}" if n == 2 else f"/datos/{n}")
+    handle.close()
+    text = settings.log_file.read_text(encoding="utf-8")
+    assert [f"/datos/{n}" in text for n in (0, 1, 3, 4)] == [True] * 4
+    assert "/datos/\\udcff2" in text
 
 
 def test_a_broken_console_costs_the_file_no_line(

@@ -15,7 +15,14 @@ from sqlalchemy.dialects.mssql import pyodbc as mssql_pyodbc
 from sqlalchemy.dialects.postgresql import psycopg as pg_psycopg
 
 from sam.callback.domain import Callback, Outcome
-from sam.callback.repository import Repository, compile_statements, make_engine, mssql_ddl, sqlite_local_time
+from sam.callback.repository import (
+    Repository,
+    compile_statements,
+    guarded_update,
+    make_engine,
+    mssql_ddl,
+    sqlite_local_time,
+)
 from sam.callback.settings import DEFAULT_FINAL_STATES
 from tests.utils import fetch_run, insert_run
 
@@ -178,3 +185,9 @@ def test_sqlite_binds_the_arrival_in_its_own_clock_format(monkeypatch: pytest.Mo
         monkeypatch.undo()
         time.tzset()
         connection.close()
+
+
+def test_the_guard_needs_final_states() -> None:
+    """Without final states the statement would overwrite finished runs: refused, not built."""
+    with pytest.raises(ValueError, match="final state"):
+        guarded_update([])

@@ -349,6 +349,9 @@ def setup_logging(settings: Settings, secrets: Iterable[str] = ()) -> LoggingHan
         settings.log_file,
         when="midnight",
         backupCount=settings.log_backup_count,
+        # A line UTF-8 cannot hold (a lone surrogate from a path decoded by the OS) is written
+        # with an escape, as the console does, instead of failing the write of its whole burst.
+        errors="backslashreplace",
         encoding="utf-8",
         delay=False,
     )

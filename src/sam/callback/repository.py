@@ -188,12 +188,18 @@ def sqlite_local_time(epoch: float) -> str:
 def guarded_update(final_states: Iterable[str]) -> Any:
     """The one atomic statement of SPEC 4.1, for every status: it records the callback and ends the run."""
     t = ejecuciones
+    states = sorted(final_states)
+    if not states:
+        # Without final states the guard would vanish and a late callback could reopen a finished
+        # run. Settings refuse an empty CALLBACK_FINAL_STATES; this is for any other caller.
+        raise ValueError("guarded_update needs at least one final state")
     # One bind parameter per final state (not an expanding IN) so the statement compiles once
     # to plain SQL that the hot path executes on the driver cursor.
-    finals = [bindparam(f"final_{i}", state, type_=Unicode(20)) for i, state in enumerate(sorted(final_states))]
-    # "Estado NOT IN (finals)" written as one "<>" per final state: the same rows (Estado is
-    # NOT NULL), but SQLite builds a temporary b-tree for an IN list on every execution, which
-    # cost more than the rest of the UPDATE. SQL Server and PostgreSQL plan both forms alike.
+    finals = [bindparam(f"final_{i}", state, type_=Unicode(20)) for i, state in enumerate(states)]
+    # "Estado NOT IN (finals)" written as one "<>" per final state: the same rows (SQL defines
+    # NOT IN so, NULLs included), but SQLite builds a temporary b-tree for an IN list on every
+    # execution, which cost more than the rest of the UPDATE. SQL Server and PostgreSQL plan
+    # both forms alike.
     not_final = [t.c.Estado != final for final in finals]
     arrived = arrival(bindparam("waited", type_=Float()), bindparam("arrived_local", type_=Unicode(19)))
     # A callback cannot end a run before it started: a row whose FechaInicio is later than the
