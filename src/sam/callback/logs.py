@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import io
 import json
 import logging
 import logging.handlers
@@ -12,7 +13,7 @@ import re
 import sys
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 from .files import unwritable_reason
 from .settings import ConfigError, Settings
@@ -264,7 +265,9 @@ class SharedTimedRotatingFileHandler(logging.handlers.TimedRotatingFileHandler):
         if self.stream:
             self.stream.close()
             self.stream = None
-        self.stream = self._open()
+        # FileHandler's own _open() is private: the same open, from its public attributes.
+        stream = open(self.baseFilename, self.mode, encoding=self.encoding, errors=self.errors)  # noqa: SIM115
+        self.stream = cast(io.TextIOWrapper, stream)  # a text mode ("a"): a TextIOWrapper
         self.rolloverAt = self.computeRollover(int(time.time()))
 
     def _rotated_name(self) -> str:
