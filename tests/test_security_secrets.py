@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import uuid
 from collections.abc import Callable
@@ -62,6 +63,16 @@ def test_no_token_or_jwt_reaches_logs_console_or_answers(
             post({"Authorization": f"Bearer {token}", "x-ibm-client-id": "mal-" + uuid.uuid4().hex})
             post({"Authorization": f"Bearer {token}", "X-Authorization": wrong_tokens[0], "x-ibm-client-id": CLIENT_ID})
         post({"X-Authorization": TOKEN, "Authorization": f"Bearer {jwts['forged']}", "x-ibm-client-id": CLIENT_ID})
+        # A credential sent as the request id: never the id of the lines, mails or answer.
+        post({"X-Authorization": TOKEN, "X-Request-ID": TOKEN})
+        post({"X-Authorization": TOKEN, "X-Request-ID": CLIENT_ID})
+        # A credential in the body: its own answer echoes what the caller sent; no log keeps it.
+        echoed = client.post(
+            "/api/callback",
+            content=json.dumps({"deploymentId": TOKEN, "status": "RUN_FAILED"}).encode(),
+            headers={"Content-Type": "application/json", "X-Authorization": TOKEN},
+        )
+        assert echoed.status_code == 202, echoed.text
         for path in ("/health", "/ready", "/metrics", "/no-existe"):
             answers.append(
                 client.get(path, headers={"X-Authorization": TOKEN, "Authorization": f"Bearer {jwts['valid']}"})
@@ -74,6 +85,7 @@ def test_no_token_or_jwt_reaches_logs_console_or_answers(
     written = {path.name: path.read_text(encoding="utf-8", errors="replace") for path in log_files}
     written["console"] = server.console()
     assert "Autenticación fallida" in written["console"]
+    assert "X-Request-ID con forma de credencial" in written["console"]
     for answer in answers:
         written[f"{answer.request.method} {answer.request.url.path} {answer.status_code}"] = (
             answer.text + "\n" + "\n".join(f"{name}: {value}" for name, value in answer.headers.items())

@@ -74,8 +74,16 @@ class CallbackDispatcher:
             await self.api(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        request_id = request_id_from(headers.get(b"x-request-id"))
+        given = headers.get(b"x-request-id")
+        request_id = request_id_from(given)
+        # The id goes into every log line, mail and page of the request: a client that sends its
+        # token as X-Request-ID (or anything shaped like a credential) gets a new one.
+        credential = given is not None and self.runtime.names_a_secret(request_id)
+        if credential:
+            request_id = request_id_from(None)
         request_id_var.set(request_id)
+        if credential:
+            log.warning("X-Request-ID con forma de credencial: se ignora y se usa un identificador nuevo")
         if scope["path"] in self._paths:
             # The endpoint writes its answers' headers itself, X-Request-ID among them: a send
             # wrapper on the hot path would cost more than the header does. It reads the

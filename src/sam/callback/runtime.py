@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from .alerts import Alerts
 from .auth import Authenticator, FailureThrottle
-from .logs import LoggingHandle, secrets_of, setup_logging
+from .logs import LoggingHandle, RedactingFilter, secrets_of, setup_logging
 from .metrics import Metrics
 from .network import ClientAddressResolver
 from .recorder import Recorder, RecorderEvents
@@ -67,6 +67,7 @@ class Runtime:
     # How often throttled failures are summed up in the log (SPEC 3: counted, not logged one by one).
     throttle_summary_seconds: float = 60.0
     _throttle_timer: asyncio.TimerHandle | None = None
+    _secrets: RedactingFilter = field(default_factory=RedactingFilter)
 
     @classmethod
     def build(cls, settings: Settings) -> Runtime:
@@ -83,7 +84,12 @@ class Runtime:
             metrics=Metrics(spool.stats),
             alerts=Alerts(settings, spool=spool, secrets=secrets_of(settings)),
             rejected=RejectedStore(settings.spool_path, max_entries=settings.rejected_max),
+            _secrets=RedactingFilter(secrets_of(settings)),
         )
+
+    def names_a_secret(self, text: str) -> bool:
+        """Whether `text` holds a configured credential, or something shaped like one."""
+        return self._secrets.redact(text) != text
 
     @property
     def recorder(self) -> Recorder:
@@ -160,6 +166,7 @@ class Runtime:
             allowed=settings.allowed_networks, trusted_proxies=settings.trusted_proxy_networks
         )
         add_log_secrets(secrets_of(settings))
+        self._secrets.add_secrets(secrets_of(settings))
         # Each is one attribute read per request: a request sees the old pair or the new one.
         self.authenticator, self.resolver, self.settings = authenticator, resolver, settings
 
