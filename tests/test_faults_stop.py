@@ -77,6 +77,52 @@ def test_stop_signal_lets_in_flight_requests_finish_then_exits_0(
     assert logged.count("Finished server process") == int(workers), logged[-3000:]
 
 
+def _request(deployment_id: str) -> bytes:
+    raw = callback_body(deployment_id, FINAL).encode()
+    head = (
+        f"POST /api/callback HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Authorization: {TOKEN}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(raw)}\r\n\r\n"
+    )
+    return head.encode() + raw
+
+
+def _answer(sock: socket.socket) -> bytes:
+    received = b""
+    while chunk := sock.recv(65536):
+        received += chunk
+        if b"\r\n\r\n" in received and received.split(b"\r\n\r\n", 1)[1].endswith(b"}"):
+            break
+    return received
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_request_sent_on_an_idle_kept_alive_connection_during_the_stop_is_answered(
+    server_factory: Callable[..., ServerProcess], tmp_path: Path, workers: str
+) -> None:
+    """A client reusing its connection as the stop begins: the callback is answered, then the connection closes.
+
+    Closing idle kept-alive connections at once (uvicorn's way) resets the one request that was
+    already on its way, and A360 never sends a callback again.
+    """
+    server = server_factory(CALLBACK_SERVER_WORKERS=workers).start()
+    database = f"sqlite:///{(tmp_path / 'sam.db').as_posix()}"
+    for name in ("idle-1", "idle-2"):
+        insert_run(database, name)
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    sock.sendall(_request("idle-1"))
+    assert _answer(sock).startswith(b"HTTP/1.1 200")
+    assert server.process is not None
+    server.process.send_signal(signal.SIGTERM)
+    wait_for(lambda: server.console().count("Shutting down") == int(workers), timeout=30, what="el inicio de la parada")
+    sock.sendall(_request("idle-2"))
+    answer = _answer(sock)
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    assert b"connection: close" in answer.lower()
+    assert fetch_run(database, "idle-2")["Estado"] == FINAL  # type: ignore[index]
+    assert server.process.wait(60) == 0, server.console()[-3000:]
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 @pytest.mark.parametrize("stop_signal", STOP_SIGNALS, ids=lambda s: signal.Signals(s).name)
 def test_a_stop_signal_repeated_while_the_process_exits_still_ends_with_0(

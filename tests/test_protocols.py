@@ -252,6 +252,49 @@ def test_an_idle_kept_alive_connection_is_closed_after_the_keep_alive_timeout(
     run(settings, scenario)
 
 
+def test_at_the_stop_an_idle_kept_alive_connection_still_answers_a_request_then_closes(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """The stop does not reset a connection between requests: a callback on its way is answered."""
+    settings = make_settings()
+    for name in ("antes", "durante"):
+        insert_run(settings.resolved_database_url(), name)
+
+    async def scenario(protocol: HttpToolsProtocol, transport: FakeTransport, loop: FakeLoop) -> None:
+        protocol.data_received(request("antes"))
+        await loop.run_requests()
+        assert answers(transport.take())[0][0] == 200
+        protocol.shutdown()
+        assert not transport.closed
+        protocol.data_received(request("durante"))
+        await loop.run_requests()
+        data = transport.take()
+        assert [(status, body["code"]) for status, body in answers(data)] == [(200, "updated")]
+        assert b"\r\nconnection: close\r\n" in data.lower()
+        assert transport.closed
+
+    run(settings, scenario)
+
+
+def test_at_the_stop_an_idle_kept_alive_connection_that_stays_silent_closes_at_the_keep_alive_time(
+    make_settings: Callable[..., Settings],
+) -> None:
+    settings = make_settings()
+    insert_run(settings.resolved_database_url(), "antes")
+
+    async def scenario(protocol: HttpToolsProtocol, transport: FakeTransport, loop: FakeLoop) -> None:
+        protocol.data_received(request("antes"))
+        await loop.run_requests()
+        transport.take()
+        protocol.shutdown()
+        loop.advance(KEEP_ALIVE - 0.1)
+        assert not transport.closed
+        loop.advance(0.1)
+        assert transport.closed
+
+    run(settings, scenario)
+
+
 def test_the_next_head_has_its_deadline_from_the_previous_response(
     make_settings: Callable[..., Settings], tmp_path: Path
 ) -> None:

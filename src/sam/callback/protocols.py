@@ -258,12 +258,14 @@ class HeadLimitedProtocol(HttpToolsProtocol):
                 self.cycle.keep_alive = False
 
     def shutdown(self) -> None:
-        """Graceful stop: answer the request of a connection that has not sent one yet, then close it."""
-        # uvicorn closes a connection without a request at once. One accepted just before the
-        # stop usually has its callback already in the kernel's buffer, unread: closing it then
-        # resets the connection and loses a callback A360 never resends. The header deadline
-        # still bounds a connection that sends nothing.
-        if self.cycle is None and not self.transport.is_closing():
+        """Graceful stop: a connection waiting for its next request answers it if it comes, then closes."""
+        # uvicorn closes a connection that is between requests at once. One accepted just before
+        # the stop, or a kept-alive one whose client is reusing it, usually has its callback
+        # already on its way or in the kernel's buffer, unread: closing it then resets the
+        # connection and loses a callback A360 never resends. Such a connection still closes
+        # after uvicorn's keep-alive time or the header deadline if nothing comes.
+        cycle = self.cycle
+        if (cycle is None or cycle.response_complete) and not self.transport.is_closing():
             self._stopping = True
             return
         super().shutdown()
