@@ -123,6 +123,37 @@ def test_a_request_sent_on_an_idle_kept_alive_connection_during_the_stop_is_answ
     assert server.process.wait(60) == 0, server.console()[-3000:]
 
 
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_once_the_stop_begins_new_connections_are_refused_not_accepted_and_reset(
+    server_factory: Callable[..., ServerProcess], tmp_path: Path, workers: str
+) -> None:
+    """A callback sent on a connection nobody will serve is lost without the client knowing why.
+
+    While a worker finishes a request in flight, the port must already refuse: with several
+    workers, uvicorn's supervisor kept its copy of the listening socket open until they had all
+    exited, so the kernel accepted connections that were then reset.
+    """
+    server = server_factory(CALLBACK_SERVER_WORKERS=workers).start()
+    database = f"sqlite:///{(tmp_path / 'sam.db').as_posix()}"
+    insert_run(database, "stop-refused")
+    raw = callback_body("stop-refused", FINAL).encode()
+    sock = _start_request_in_flight(server, raw)  # keeps its worker, and so the stop, waiting
+    assert server.process is not None
+    server.process.send_signal(signal.SIGTERM)
+    wait_for(lambda: _refused(server.port), timeout=20, what="el puerto rechaza conexiones nuevas")
+    answer = _finish_request(sock, raw)
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    assert server.process.wait(60) == 0, server.console()[-3000:]
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 @pytest.mark.parametrize("stop_signal", STOP_SIGNALS, ids=lambda s: signal.Signals(s).name)
 def test_a_stop_signal_repeated_while_the_process_exits_still_ends_with_0(

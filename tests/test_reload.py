@@ -232,10 +232,14 @@ def test_sighup_to_the_parent_reloads_every_worker_without_restarting_them(
 
 
 def test_the_supervisor_names_the_reload_relies_on_still_exist() -> None:
-    """uvicorn's supervisor: handle_hup, processes and Process.pid (re-sync server.py if this fails)."""
+    """uvicorn's supervisor: handle_hup, terminate_all, sockets, processes, Process.pid (re-sync server.py if this fails)."""
     from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
     assert callable(getattr(Multiprocess, "handle_hup", None)), "re-sync server.py: Multiprocess.handle_hup moved"
+    assert callable(getattr(Multiprocess, "terminate_all", None)), "re-sync server.py: terminate_all moved"
+    assert "self.sockets" in __import__("inspect").getsource(Multiprocess.__init__), (
+        "re-sync server.py: Multiprocess.sockets moved"
+    )
     assert isinstance(getattr(Process, "pid", None), property), "re-sync server.py: Process.pid moved"
     assert "self.processes" in __import__("inspect").getsource(Multiprocess.__init__), (
         "re-sync server.py: Multiprocess.processes moved"

@@ -153,9 +153,21 @@ class CredentialReloadingSupervisor(Multiprocess):
 
     uvicorn answers SIGHUP by replacing every worker; SPEC 11 asks for credentials re-read at
     once with no restart. Each worker re-reads them on its own SIGHUP (app.py), so the signal is
-    passed on. `handle_hup`, `processes` and `Process.pid` are public names of uvicorn's
+    passed on. At the stop it lets go of the port before waiting for the workers. `handle_hup`,
+    `terminate_all`, `sockets`, `processes` and `Process.pid` are public names of uvicorn's
     supervisor, checked by tests/test_reload.py against the pinned uvicorn.
     """
+
+    def terminate_all(self) -> None:
+        """Stop listening in this process, then stop the workers."""
+        # The supervisor's copy of the listening socket kept the port open until the last worker
+        # had finished: the kernel accepted connections nobody would serve and reset them at
+        # exit (the client sent its callback and read an error). Closed now, a client is refused
+        # as soon as the workers stop listening. systemd's own socket stays open (docs/linux.md).
+        for listener in self.sockets:
+            with contextlib.suppress(OSError):
+                listener.close()
+        super().terminate_all()
 
     def handle_hup(self) -> None:
         """Pass SIGHUP on to every worker."""
